@@ -1,0 +1,311 @@
+"""This instance's channels and groups: mailboxes, waiting receivers, memberships.
+
+Everything here is guarded by one lock, because Channels code calls the layer from many
+threads and event loops at once: the server's loop, ``async_to_sync`` in sync views, a
+fresh loop per call in management commands. A mailbox holds serialized payloads; each
+receiver decodes its own copy, so no two consumers ever share a mutable dict.
+
+Receivers wait on a future of their own loop. A sender appends the message and wakes one
+waiter; the waiter takes the message itself once it runs. A receiver cancelled after it
+was woken therefore loses nothing: the message is still in the mailbox, and the
+cancelled receiver passes the wake-up on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from time import monotonic
+
+__all__ = ["GroupDelivery", "Mailbox", "Payload", "Registry", "wake"]
+
+Payload = str | bytes
+_NO_DEADLINE = float("inf")
+
+
+class Mailbox:
+    """Messages waiting on one channel, and the receivers waiting for them."""
+
+    __slots__ = ("capacity", "items", "shared", "waiters")
+
+    def __init__(self, capacity: int, shared: bool) -> None:
+        self.capacity = capacity
+        # True for a worker channel fed from the backplane's shared queue.
+        self.shared = shared
+        self.items: deque[tuple[float, Payload]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+@dataclass
+class GroupDelivery:
+    """What a group fan-out did."""
+
+    delivered: int = 0
+    full: list[str] = field(default_factory=list)
+    # Worker channels in the group, when worker channels live in the backplane: the
+    # layer pushes to them there instead of into a local mailbox.
+    shared: list[str] = field(default_factory=list)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def wake(future: asyncio.Future[None], current: asyncio.AbstractEventLoop | None) -> bool:
+    """Wake a waiting receiver on whatever loop it waits on; False if it is gone."""
+    if future.done():
+        return False
+    loop = future.get_loop()
+    if loop is current:
+        future.set_result(None)
+        return True
+    try:
+        loop.call_soon_threadsafe(_resolve, future)
+    except RuntimeError:
+        # Its loop is closed: nobody will ever run that receiver again.
+        return False
+    return True
+
+
+class Registry:
+    """Mailboxes and group memberships of one layer instance."""
+
+    def __init__(
+        self, capacity_for: Callable[[str], int], shared_workers: Callable[[], bool]
+    ) -> None:
+        self.lock = threading.Lock()
+        self._capacity_for = capacity_for
+        self._shared_workers = shared_workers
+        self._mailboxes: dict[str, Mailbox] = {}
+        # Mailboxes that may hold messages, so the sweep doesn't visit idle ones.
+        self._pending: set[str] = set()
+        self._groups: dict[str, dict[str, float]] = {}
+        self._memberships: dict[str, set[str]] = {}
+
+    # Mailboxes
+
+    def _mailbox(self, channel: str) -> Mailbox:
+        box = self._mailboxes.get(channel)
+        if box is None:
+            shared = "!" not in channel and self._shared_workers()
+            box = self._mailboxes[channel] = Mailbox(self._capacity_for(channel), shared)
+        return box
+
+    def _put(
+        self,
+        channel: str,
+        payload: Payload,
+        deadline: float,
+        current: asyncio.AbstractEventLoop | None,
+        force: bool = False,
+    ) -> bool:
+        box = self._mailbox(channel)
+        if not force and len(box.items) >= box.capacity:
+            return False
+        box.items.append((deadline, payload))
+        self._pending.add(channel)
+        waiters = box.waiters
+        while waiters and not wake(waiters.popleft(), current):
+            pass
+        return True
+
+    def put(self, channel: str, payload: Payload, deadline: float, force: bool = False) -> bool:
+        """Queue ``payload`` on ``channel``; False if the channel is at capacity."""
+        current = asyncio.events._get_running_loop()
+        with self.lock:
+            return self._put(channel, payload, deadline, current, force)
+
+    def group_put(
+        self, group: str, payload: Payload, deadline: float, joined_after: float
+    ) -> GroupDelivery:
+        """Queue ``payload`` on every member of ``group`` that has room.
+
+        Members that joined before ``joined_after`` have outlived ``group_expiry``: they
+        leave the group instead.
+        """
+        result = GroupDelivery()
+        current = asyncio.events._get_running_loop()
+        with self.lock:
+            members = self._groups.get(group)
+            if not members:
+                return result
+            shared = self._shared_workers()
+            stale: list[str] = []
+            for channel, joined in members.items():
+                if joined < joined_after:
+                    stale.append(channel)
+                elif shared and "!" not in channel:
+                    result.shared.append(channel)
+                elif self._put(channel, payload, deadline, current):
+                    result.delivered += 1
+                else:
+                    result.full.append(channel)
+            for channel in stale:
+                self._discard(group, channel)
+        return result
+
+    def take(
+        self, channel: str, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Payload | None, asyncio.Future[None] | None, int, bool]:
+        """Pop the next live message, or register a waiter.
+
+        Returns ``(payload, waiter, expired, shared)``: exactly one of payload and waiter
+        is set; ``expired`` counts messages dropped for being past their deadline;
+        ``shared`` tells whether the channel is fed from the backplane's queue.
+        """
+        now = monotonic()
+        expired = 0
+        with self.lock:
+            box = self._mailbox(channel)
+            items = box.items
+            while items:
+                deadline, payload = items.popleft()
+                if deadline >= now:
+                    if not items:
+                        self._pending.discard(channel)
+                        if not box.waiters:
+                            del self._mailboxes[channel]
+                    return payload, None, expired, box.shared
+                expired += 1
+            self._pending.discard(channel)
+            waiter: asyncio.Future[None] = loop.create_future()
+            box.waiters.append(waiter)
+            return None, waiter, expired, box.shared
+
+    def abandon(self, channel: str, waiter: asyncio.Future[None]) -> list[Payload]:
+        """Forget a receiver that was cancelled; free the mailbox if nothing is left.
+
+        Returns messages of a shared worker channel that no receiver here wants any
+        more, for the caller to hand back to the backplane's queue.
+        """
+        current = asyncio.events._get_running_loop()
+        with self.lock:
+            box = self._mailboxes.get(channel)
+            if box is None:
+                return []
+            try:
+                box.waiters.remove(waiter)
+            except ValueError:
+                pass  # already woken: pass the wake-up on below
+            while box.items and box.waiters and not wake(box.waiters.popleft(), current):
+                pass
+            leftovers: list[Payload] = []
+            if not box.waiters:
+                if box.shared and box.items:
+                    leftovers = [payload for _, payload in box.items]
+                    box.items.clear()
+                if not box.items:
+                    self._pending.discard(channel)
+                    del self._mailboxes[channel]
+            return leftovers
+
+    def has_waiters(self, channel: str) -> bool:
+        with self.lock:
+            box = self._mailboxes.get(channel)
+            return box is not None and bool(box.waiters)
+
+    def put_if_wanted(self, channel: str, payload: Payload) -> bool:
+        """Hand a message fetched from the shared queue to a waiting receiver, if any."""
+        current = asyncio.events._get_running_loop()
+        with self.lock:
+            box = self._mailboxes.get(channel)
+            if box is None or not box.waiters:
+                return False
+            return self._put(channel, payload, _NO_DEADLINE, current, force=True)
+
+    # Groups
+
+    def group_add(self, group: str, channel: str) -> None:
+        with self.lock:
+            self._groups.setdefault(group, {})[channel] = monotonic()
+            self._memberships.setdefault(channel, set()).add(group)
+
+    def group_discard(self, group: str, channel: str) -> None:
+        with self.lock:
+            self._discard(group, channel)
+
+    def _discard(self, group: str, channel: str) -> None:
+        members = self._groups.get(group)
+        if members is not None:
+            members.pop(channel, None)
+            if not members:
+                del self._groups[group]
+        groups = self._memberships.get(channel)
+        if groups is not None:
+            groups.discard(group)
+            if not groups:
+                del self._memberships[channel]
+
+    def members(self, group: str) -> list[str]:
+        with self.lock:
+            return list(self._groups.get(group, ()))
+
+    # Housekeeping
+
+    def sweep(self, group_expiry: float | None) -> dict[str, int]:
+        """Drop expired messages; drop the memberships of channels nobody reads.
+
+        A channel whose message expired unread has no live consumer (one that reads
+        would have taken it), so it leaves every group, as Channels' in-memory layer
+        does. With ``group_expiry``, memberships older than that many seconds end too.
+        Returns the number of expired messages per channel.
+        """
+        now = monotonic()
+        expired: dict[str, int] = {}
+        with self.lock:
+            for channel in list(self._pending):
+                box = self._mailboxes.get(channel)
+                if box is None:
+                    self._pending.discard(channel)
+                    continue
+                items = box.items
+                count = 0
+                while items and items[0][0] < now:
+                    items.popleft()
+                    count += 1
+                if count:
+                    expired[channel] = count
+                    if not box.waiters:
+                        for group in list(self._memberships.get(channel, ())):
+                            self._discard(group, channel)
+                if not items:
+                    self._pending.discard(channel)
+                    if not box.waiters:
+                        del self._mailboxes[channel]
+            if group_expiry is not None:
+                cutoff = now - group_expiry
+                for group, members in list(self._groups.items()):
+                    for channel, joined in list(members.items()):
+                        if joined < cutoff:
+                            self._discard(group, channel)
+        return expired
+
+    def flush(self) -> None:
+        """Forget every message and membership; waiting receivers keep waiting."""
+        with self.lock:
+            for channel, box in list(self._mailboxes.items()):
+                box.items.clear()
+                if not box.waiters:
+                    del self._mailboxes[channel]
+            self._pending.clear()
+            self._groups.clear()
+            self._memberships.clear()
+
+    def sizes(self) -> dict[str, int]:
+        """How much this instance holds, for ``stats()`` and leak tests."""
+        with self.lock:
+            return {
+                "channels": len(self._mailboxes),
+                "queued": sum(len(box.items) for box in self._mailboxes.values()),
+                "receivers": sum(len(box.waiters) for box in self._mailboxes.values()),
+                "groups": len(self._groups),
+                "memberships": sum(len(members) for members in self._groups.values()),
+            }
+
+    def channels_with_items(self) -> Iterable[str]:
+        with self.lock:
+            return list(self._pending)

@@ -1,0 +1,247 @@
+"""CONFIG parsing: every layer-level check happens here, when Django builds the layer.
+
+A mistake in ``CHANNEL_LAYERS`` is an :class:`~crossws_channels.errors.ConfigurationError`
+at start-up naming the alias and the key, never a surprise at the first message.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+from .drivers import BUILTIN, Driver, DriverFactory, resolve_factory
+from .errors import ConfigurationError, ErrorHandler
+
+__all__ = [
+    "LAYER_KEYS",
+    "LayerConfig",
+    "build_driver",
+    "find_alias",
+    "parse_config",
+    "setting_path",
+]
+
+BACKEND = "crossws_channels.layer.BackplaneChannelLayer"
+
+LAYER_KEYS = frozenset(
+    {
+        "driver",
+        "channel",
+        "on_error",
+        "expiry",
+        "group_expiry",
+        "capacity",
+        "channel_capacity",
+        "max_message_size",
+        "namespace",
+    }
+)
+"""Keys the layer uses itself; every other CONFIG key is an option of the driver."""
+
+DEFAULT_EXPIRY = 60.0
+DEFAULT_GROUP_EXPIRY = 86400.0
+DEFAULT_CAPACITY = 100
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """A validated CONFIG."""
+
+    driver: DriverFactory
+    driver_name: str
+    channel: str
+    options: Mapping[str, Any]
+    on_error: ErrorHandler | None = None
+    expiry: float = DEFAULT_EXPIRY
+    group_expiry: float = DEFAULT_GROUP_EXPIRY
+    capacity: int = DEFAULT_CAPACITY
+    channel_capacity: list[tuple[re.Pattern[str], int]] = field(default_factory=list)
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    namespace: str = ""
+    alias: str | None = None
+
+
+def setting_path(alias: str | None, key: str | None = None) -> str:
+    """How a setting is spelled in messages: ``CHANNEL_LAYERS['default']['CONFIG']['channel']``."""
+    base = f"CHANNEL_LAYERS[{alias!r}]['CONFIG']" if alias else "the channel layer's CONFIG"
+    return f"{base}[{key!r}]" if key else base
+
+
+def find_alias(config: Mapping[str, Any]) -> str | None:
+    """Find which CHANNEL_LAYERS entry ``config`` came from.
+
+    Channels builds a layer as ``BACKEND(**CONFIG)`` without saying which alias it is
+    building; matching the CONFIG against the settings recovers it for error messages.
+    """
+    try:
+        layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    except Exception:  # settings not configured: the layer was built by hand
+        return None
+    for alias, entry in layers.items():
+        if not isinstance(entry, Mapping) or entry.get("BACKEND") != BACKEND:
+            continue
+        for key in ("CONFIG", "TEST_CONFIG"):
+            candidate = entry.get(key)
+            if isinstance(candidate, Mapping) and dict(candidate) == dict(config):
+                return str(alias)
+    return None
+
+
+def _positive_number(
+    config: Mapping[str, Any], key: str, default: float, alias: str | None
+) -> float:
+    value = config.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(
+            f"{setting_path(alias, key)} must be a positive number of seconds, got {value!r}"
+        )
+    return float(value)
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: int, alias: str | None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(
+            f"{setting_path(alias, key)} must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def _channel_capacity(value: object, alias: str | None) -> list[tuple[re.Pattern[str], int]]:
+    import fnmatch
+
+    where = setting_path(alias, "channel_capacity")
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"{where} must map channel name patterns to capacities, got {type(value).__name__}"
+        )
+    compiled: list[tuple[re.Pattern[str], int]] = []
+    for pattern, capacity in value.items():
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise ConfigurationError(
+                f"{where}[{pattern!r}] must be a positive integer, got {capacity!r}"
+            )
+        if isinstance(pattern, re.Pattern):
+            compiled.append((cast("re.Pattern[str]", pattern), capacity))
+        elif isinstance(pattern, str) and pattern:
+            compiled.append((re.compile(fnmatch.translate(pattern)), capacity))
+        else:
+            raise ConfigurationError(
+                f"{where} keys must be glob patterns (str) or compiled regexes, got {pattern!r}"
+            )
+    return compiled
+
+
+def _on_error(value: object, alias: str | None) -> ErrorHandler | None:
+    where = setting_path(alias, "on_error")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = import_string(value)
+        except ImportError as exc:
+            raise ConfigurationError(f"{where} can't be imported: {exc}") from exc
+    if not callable(value):
+        raise ConfigurationError(f"{where} must be a callable or its dotted path, got {value!r}")
+    return cast(ErrorHandler, value)
+
+
+def _driver(value: object, alias: str | None) -> tuple[DriverFactory, str]:
+    where = setting_path(alias, "driver")
+    if value is None:
+        raise ConfigurationError(
+            f"{where} is required: one of {', '.join(repr(n) for n in sorted(BUILTIN))}, "
+            "or the dotted path of a driver factory"
+        )
+    if not (isinstance(value, str) and value) and not callable(value):
+        raise ConfigurationError(
+            f"{where} must be a driver name, a dotted path or a callable, got {value!r}"
+        )
+    name = value if isinstance(value, str) else getattr(value, "__qualname__", repr(value))
+    try:
+        return resolve_factory(cast("str | Callable[..., Any]", value)), name
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    except ImportError as exc:
+        hint = ""
+        if value in ("redis", "pgsql"):
+            hint = f" (install it with: pip install 'crossws_channels[{value}]')"
+        raise ConfigurationError(
+            f"{where}: driver {value!r} can't be imported: {exc}{hint}"
+        ) from exc
+
+
+def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerConfig:
+    """Validate a CONFIG mapping; raise :class:`ConfigurationError` naming the key."""
+    channel = config.get("channel")
+    if not isinstance(channel, str) or not channel.strip():
+        got = "it is missing" if channel is None else f"got {channel!r}"
+        raise ConfigurationError(
+            f"{setting_path(alias, 'channel')} is required: a non-empty name that scopes "
+            f"the cluster, such as 'my-app' ({got})"
+        )
+    namespace = config.get("namespace", "")
+    if not isinstance(namespace, str):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'namespace')} must be a string, got {namespace!r}"
+        )
+    factory, driver_name = _driver(config.get("driver"), alias)
+    options = {key: value for key, value in config.items() if key not in LAYER_KEYS}
+    options["channel"] = channel
+    return LayerConfig(
+        driver=factory,
+        driver_name=driver_name,
+        channel=channel,
+        options=options,
+        on_error=_on_error(config.get("on_error"), alias),
+        expiry=_positive_number(config, "expiry", DEFAULT_EXPIRY, alias),
+        group_expiry=_positive_number(config, "group_expiry", DEFAULT_GROUP_EXPIRY, alias),
+        capacity=_positive_int(config, "capacity", DEFAULT_CAPACITY, alias),
+        channel_capacity=_channel_capacity(config.get("channel_capacity"), alias),
+        max_message_size=_positive_int(config, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE, alias),
+        namespace=namespace,
+        alias=alias,
+    )
+
+
+def build_driver(config: LayerConfig, instance_id: str) -> Driver:
+    """Call the driver factory; its option errors come back naming the setting.
+
+    Factories open nothing (connections belong to ``subscribe``/``publish``), so this is
+    also how ``manage.py check`` validates driver options without touching the network.
+    """
+    known = getattr(config.driver, "OPTIONS", None)
+    if known is not None:
+        for key in config.options:
+            if key != "channel" and key not in known:
+                options = ", ".join(sorted(known)) or "none"
+                raise ConfigurationError(
+                    f"{setting_path(config.alias, key)}: unknown key. The layer's keys are "
+                    f"{', '.join(sorted(LAYER_KEYS))}; the {config.driver_name!r} driver's "
+                    f"options are: {options}"
+                )
+    try:
+        return config.driver(instance_id, config.options)
+    except ConfigurationError as exc:
+        where = setting_path(config.alias, exc.key)
+        separator = " " if exc.key else ": "
+        raise ConfigurationError(f"{where}{separator}{exc.message}") from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"{setting_path(config.alias, 'driver')}: building the {config.driver_name!r} "
+            f"driver failed: {exc}"
+        ) from exc

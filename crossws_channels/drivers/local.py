@@ -1,0 +1,168 @@
+"""The ``local`` driver: layer instances of one process form a cluster.
+
+The counterpart of crossws's ``broadcastChannel`` driver: every layer instance in this
+process with the same ``channel`` relays to the others, across threads and event loops.
+It is the driver for a single-process deployment, for tests, and for several layers in one
+process (for example one per thread, each with its own loop). Separate OS processes never
+see each other: for those, use ``multiprocessing``, ``redis`` or ``pgsql``.
+
+It behaves as a real pub/sub backplane does: it echoes a publish back to the sender, and
+the layer's echo suppression drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._registry import wake
+from .base import Deliver, Outgoing
+
+__all__ = ["LocalDriver"]
+
+
+class _SharedQueue:
+    __slots__ = ("items", "waiters")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[float, str]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+
+class _Cluster:
+    __slots__ = ("queues", "subscribers")
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, tuple[asyncio.AbstractEventLoop, Deliver]] = {}
+        self.queues: dict[str, _SharedQueue] = {}
+
+
+_lock = threading.Lock()
+_clusters: dict[str, _Cluster] = {}
+
+
+def _deliver_all(deliver: Deliver, texts: list[str]) -> None:
+    for text in texts:
+        deliver(text)
+
+
+class LocalDriver:
+    """Relays between the layer instances of one process that share a ``channel``."""
+
+    OPTIONS: frozenset[str] = frozenset()
+
+    def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
+        self._instance_id = instance_id
+        self._channel = str(options["channel"])
+
+    def _cluster(self) -> _Cluster:
+        cluster = _clusters.get(self._channel)
+        if cluster is None:
+            cluster = _clusters[self._channel] = _Cluster()
+        return cluster
+
+    def _post(self, batch: Sequence[Outgoing]) -> None:
+        with _lock:
+            subscribers = list(self._cluster().subscribers.items())
+        for instance_id, (loop, deliver) in subscribers:
+            texts = [text for target, text in batch if target is None or target == instance_id]
+            if not texts:
+                continue
+            try:
+                loop.call_soon_threadsafe(_deliver_all, deliver, texts)
+            except RuntimeError:
+                # That instance's loop is closed without it having unsubscribed.
+                with _lock:
+                    current = self._cluster().subscribers
+                    if current.get(instance_id, (None, None))[1] is deliver:
+                        del current[instance_id]
+
+    # Relay
+
+    async def publish(self, envelope: str, /) -> None:
+        self._post([(None, envelope)])
+
+    async def publish_to(self, instance_id: str, envelope: str, /) -> None:
+        self._post([(instance_id, envelope)])
+
+    async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
+        self._post(batch)
+
+    async def subscribe(self, deliver: Deliver, /) -> None:
+        loop = asyncio.get_running_loop()
+        with _lock:
+            self._cluster().subscribers[self._instance_id] = (loop, deliver)
+
+    async def close(self) -> None:
+        with _lock:
+            cluster = _clusters.get(self._channel)
+            if cluster is None:
+                return
+            cluster.subscribers.pop(self._instance_id, None)
+            if not cluster.subscribers and not any(
+                q.items or q.waiters for q in cluster.queues.values()
+            ):
+                del _clusters[self._channel]
+
+    # Worker queues
+
+    async def queue_push(self, channel: str, item: str, capacity: int, expires: float, /) -> bool:
+        current = asyncio.get_running_loop()
+        now = time.time()
+        with _lock:
+            queue = self._cluster().queues.setdefault(channel, _SharedQueue())
+            items = queue.items
+            while items and items[0][0] < now and len(items) >= capacity:
+                items.popleft()  # no one read it in time; make room
+            if len(items) >= capacity:
+                return False
+            items.append((expires, item))
+            while queue.waiters and not wake(queue.waiters.popleft(), current):
+                pass
+            return True
+
+    async def queue_pop(self, channel: str, timeout: float, /) -> str | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with _lock:
+                queue = self._cluster().queues.setdefault(channel, _SharedQueue())
+                if queue.items:
+                    return queue.items.popleft()[1]
+                waiter: asyncio.Future[None] = loop.create_future()
+                queue.waiters.append(waiter)
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(waiter, remaining)
+            except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+                with _lock:
+                    try:
+                        queue.waiters.remove(waiter)
+                    except ValueError:
+                        pass  # woken meanwhile: pass the wake-up on
+                    while queue.items and queue.waiters and not wake(queue.waiters.popleft(), loop):
+                        pass
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return None
+
+    async def queue_return(self, channel: str, item: str, /) -> None:
+        current = asyncio.get_running_loop()
+        with _lock:
+            queue = self._cluster().queues.setdefault(channel, _SharedQueue())
+            queue.items.appendleft((float("inf"), item))
+            while queue.waiters and not wake(queue.waiters.popleft(), current):
+                pass
+
+    async def flush(self) -> None:
+        with _lock:
+            cluster = _clusters.get(self._channel)
+            if cluster is not None:
+                for queue in cluster.queues.values():
+                    queue.items.clear()

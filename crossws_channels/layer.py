@@ -1,0 +1,470 @@
+"""BackplaneChannelLayer: the Channels layer API on top of local state and a backplane.
+
+Each layer instance (one per process, normally) owns the channels it created with
+``new_channel()`` and the group memberships of those channels. ``group_send`` delivers to
+the local members first, synchronously, then relays one envelope over the backplane; the
+other instances fan it out to their own members. A ``send`` to a channel another instance
+owns is routed to that instance only. Worker channels (names without ``!``) live in the
+backplane's shared queue when the driver has one, so each message is received once in the
+whole cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import string
+import time
+from time import monotonic
+from typing import Any, ClassVar
+
+from channels.exceptions import ChannelFull
+from channels.layers import BaseChannelLayer
+
+from . import serialize
+from ._backplane import Backplane
+from ._registry import Payload, Registry
+from ._reporting import Reporter, Stats
+from .config import LayerConfig, build_driver, find_alias, parse_config
+from .drivers.base import Driver, SupportsFlush, SupportsWorkerQueue
+from .envelope import SyncMessage, decode_envelope, encode_frame
+from .errors import MalformedMessage, MessageExpired, MessageTooLarge, Stage
+
+logger = logging.getLogger("crossws_channels")
+
+__all__ = ["BackplaneChannelLayer"]
+
+Message = dict[str, Any]
+
+INSTANCE_ID_LENGTH = 12
+_ID_ALPHABET = string.ascii_letters + string.digits
+# Topics of control messages start with "!", which no group or channel name can.
+_GROUP_ADD = "!add"
+_GROUP_DISCARD = "!discard"
+# How often memberships are checked against group_expiry.
+_GROUP_SWEEP_EVERY = 30.0
+
+
+def _new_instance_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(INSTANCE_ID_LENGTH))
+
+
+class _Inbox:
+    """The layer's side of a driver subscription (the ``Deliver`` protocol)."""
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: BackplaneChannelLayer) -> None:
+        self._layer = layer
+
+    def __call__(self, raw: str | bytes, /) -> None:
+        try:
+            self._layer._on_raw(raw)
+        except Exception as exc:
+            self._layer._reporter.report(exc, "delivery")
+
+    def report(self, error: Exception, stage: Stage, /) -> None:
+        self._layer._reporter.report(error, stage)
+
+    def connection_lost(self, error: Exception, /) -> None:
+        layer = self._layer
+        if layer._reporter.outage_started("subscription", error, "subscribe"):
+            layer._stats.incr("disconnects")
+
+    def connection_made(self) -> None:
+        if self._layer._reporter.outage_ended("subscription") is not None:
+            self._layer._stats.incr("reconnects")
+
+
+class BackplaneChannelLayer(BaseChannelLayer):
+    """A channel layer whose instances relay groups to each other over a backplane.
+
+    Configure it in ``CHANNEL_LAYERS``; every CONFIG key is documented in
+    ``docs/configuration.md``.
+    """
+
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
+
+    def __init__(self, **config: Any) -> None:
+        alias = find_alias(config)
+        self.config: LayerConfig = parse_config(config, alias)
+        super().__init__(capacity=self.config.capacity)
+        self.expiry = self.config.expiry  # type: ignore[assignment]  # Channels types it int
+        self.group_expiry = self.config.group_expiry
+        self.instance_id = _new_instance_id()
+        self._stats = Stats()
+        self._reporter = Reporter(self.config.on_error, self._stats, lambda: self._backplane.home)
+        driver = build_driver(self.config, self.instance_id)
+        self._backplane = Backplane(
+            instance_id=self.instance_id,
+            factory=self.config.driver,
+            options=self.config.options,
+            driver=driver,
+            inbox=_Inbox(self),
+            reporter=self._reporter,
+            stats=self._stats,
+            sweep=self._sweep,
+            sweep_interval=max(0.05, min(1.0, self.config.expiry / 4)),
+            worker_wanted=self._worker_wanted,
+            worker_item=self._worker_item,
+        )
+        self._registry = Registry(self.get_capacity, lambda: self._backplane.shared_queues)
+        self._supports_flush = isinstance(driver, SupportsFlush)
+        self._next_group_sweep = monotonic() + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} driver={self.config.driver_name!r} "
+            f"channel={self.config.channel!r} instance={self.instance_id}>"
+        )
+
+    # Capacity, names, payloads
+
+    def get_capacity(self, channel: str) -> int:
+        for pattern, capacity in self.config.channel_capacity:
+            if pattern.match(channel):
+                return capacity
+        return self.config.capacity
+
+    def _owner(self, channel: str) -> str | None:
+        """The instance that owns a process-specific channel; None for worker channels."""
+        bang = channel.find("!")
+        if bang < 0:
+            return None
+        return channel[max(0, bang - INSTANCE_ID_LENGTH) : bang]
+
+    def _serialize(self, message: Message) -> Payload:
+        payload = serialize.dumps(message)
+        size = serialize.payload_size(payload)
+        if size > self.config.max_message_size:
+            self._stats.incr("refused.too_large")
+            raise MessageTooLarge(size, self.config.max_message_size)
+        return payload
+
+    def _frame(self, topic: str, data: str | bytes, expires: float | None = None) -> str:
+        return encode_frame(
+            self.instance_id, SyncMessage(self.config.namespace, topic, data), expires=expires
+        )
+
+    # Channel layer API
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        """A new process-specific channel name owned by this instance."""
+        await self._backplane.subscribed()
+        return f"{prefix}{self.instance_id}!{secrets.token_urlsafe(9)}"
+
+    async def send(self, channel: str, message: Message) -> None:
+        """Send ``message`` to ``channel``, wherever in the cluster it is received.
+
+        Raises ``ChannelFull`` when a channel of this instance, or a worker channel, is
+        at capacity. A channel owned by another instance is checked there: if it is
+        full, that instance drops the message and reports it.
+        """
+        self.require_valid_channel_name(channel)
+        payload = self._serialize(message)
+        await self._backplane.ensure()
+        owner = self._owner(channel)
+        if owner is None:
+            if self._backplane.shared_queues:
+                if not await self._push_worker(channel, payload):
+                    raise ChannelFull(channel)
+                return
+        elif owner != self.instance_id:
+            await self._backplane.publish(owner, self._frame(channel, payload))
+            return
+        if not self._registry.put(channel, payload, monotonic() + self.config.expiry):
+            self._stats.incr("dropped.full")
+            raise ChannelFull(channel)
+        self._stats.incr("delivered")
+
+    async def _push_worker(self, channel: str, payload: Payload) -> bool:
+        """Queue on a shared worker channel; False if it is full. Never raises otherwise."""
+        expires = time.time() + self.config.expiry
+        text = self._frame(channel, payload, expires)
+        capacity = self.get_capacity(channel)
+
+        async def push(driver: Driver) -> bool:
+            assert isinstance(driver, SupportsWorkerQueue)
+            return await driver.queue_push(channel, text, capacity, expires)
+
+        try:
+            pushed = await self._backplane.call(push)
+        except Exception as exc:
+            self._stats.incr("dropped.publish")
+            self._reporter.report(exc, "publish")
+            return True
+        if pushed:
+            self._stats.incr("published")
+        else:
+            self._stats.incr("dropped.full")
+        return pushed
+
+    async def receive(self, channel: str) -> Message:
+        """Wait for the next message on ``channel``.
+
+        Cancelling the wait loses no message: one that arrived meanwhile stays queued for
+        the next ``receive``.
+        """
+        self.require_valid_channel_name(channel)
+        await self._backplane.subscribed()
+        loop = asyncio.get_running_loop()
+        registry = self._registry
+        while True:
+            payload, waiter, expired, shared = registry.take(channel, loop)
+            if expired:
+                self._stats.incr("dropped.expired", expired)
+                self._reporter.report(MessageExpired(expired, [channel]), "delivery")
+            if payload is not None:
+                try:
+                    return serialize.loads(payload)
+                except Exception as exc:
+                    self._stats.incr("dropped.malformed")
+                    self._reporter.report(
+                        MalformedMessage(f"a message on {channel!r} could not be decoded: {exc}"),
+                        "delivery",
+                    )
+                    continue
+            assert waiter is not None
+            if shared:
+                self._backplane.want(channel)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                leftovers = registry.abandon(channel, waiter)
+                for item in leftovers:
+                    self._return_worker_item(channel, item)
+                raise
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group``, on the instance that owns the channel."""
+        await self._change_membership(_GROUP_ADD, group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``, on the instance that owns the channel."""
+        await self._change_membership(_GROUP_DISCARD, group, channel)
+
+    async def _change_membership(self, operation: str, group: str, channel: str) -> None:
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        # A consumer joining a group must not miss what is relayed right after it joined.
+        await self._backplane.subscribed()
+        owner = self._owner(channel)
+        if owner is not None and owner != self.instance_id:
+            await self._backplane.publish(
+                owner, self._frame(operation, json.dumps([group, channel]))
+            )
+        else:
+            self._apply_membership(operation, group, channel)
+
+    def _apply_membership(self, operation: str, group: str, channel: str) -> None:
+        if operation == _GROUP_ADD:
+            self._registry.group_add(group, channel)
+        else:
+            self._registry.group_discard(group, channel)
+
+    async def group_send(self, group: str, message: Message) -> None:
+        """Deliver to this instance's members of ``group``, then relay one envelope."""
+        self.require_valid_group_name(group)
+        payload = self._serialize(message)
+        await self._backplane.ensure()
+        self._fan_out(group, payload)
+        await self._backplane.publish(None, self._frame(group, payload))
+
+    def _fan_out(self, group: str, payload: Payload) -> None:
+        now = monotonic()
+        result = self._registry.group_put(
+            group, payload, now + self.config.expiry, now - self.config.group_expiry
+        )
+        if result.delivered:
+            self._stats.incr("delivered", result.delivered)
+        if result.full:
+            self._stats.incr("dropped.full", len(result.full))
+            names = ", ".join(result.full[:5]) + (" ..." if len(result.full) > 5 else "")
+            self._reporter.report(
+                ChannelFull(
+                    f"{len(result.full)} member(s) of group {group!r} are at capacity and "
+                    f"missed a message: {names}"
+                ),
+                "delivery",
+            )
+        for channel in result.shared:
+            self._backplane.spawn(self._worker_pusher(channel, payload), f"push to {channel!r}")
+
+    def _worker_pusher(self, channel: str, payload: Payload) -> Any:
+        async def push(driver: Driver) -> None:
+            assert isinstance(driver, SupportsWorkerQueue)
+            expires = time.time() + self.config.expiry
+            text = self._frame(channel, payload, expires)
+            if await driver.queue_push(channel, text, self.get_capacity(channel), expires):
+                self._stats.incr("published")
+            else:
+                self._stats.incr("dropped.full")
+                self._reporter.report(ChannelFull(channel), "delivery")
+
+        return push
+
+    async def flush(self) -> None:
+        """Forget this instance's messages and groups, and the cluster's worker queues."""
+        self._registry.flush()
+        if self._supports_flush:
+
+            async def flush(driver: Driver) -> None:
+                assert isinstance(driver, SupportsFlush)
+                await driver.flush()
+
+            await self._backplane.call(flush)
+
+    async def close(self) -> None:
+        """Relay what is queued (within a bound) and close the backplane connection."""
+        await self._backplane.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and sizes of this instance, for monitoring."""
+        return {
+            "instance_id": self.instance_id,
+            "driver": self.config.driver_name,
+            "channel": self.config.channel,
+            **self._stats.snapshot(),
+            **self._registry.sizes(),
+        }
+
+    # Inbound, on the home loop
+
+    def _on_raw(self, raw: str | bytes) -> None:
+        envelope = decode_envelope(raw)
+        if envelope is None:
+            self._stats.incr("dropped.malformed")
+            self._reporter.report_flood(
+                "malformed",
+                MalformedMessage(
+                    f"dropped {len(raw)} bytes of backplane traffic that is not an envelope"
+                ),
+                "delivery",
+            )
+            return
+        if envelope.id == self.instance_id:
+            return  # our own echo
+        self._stats.incr("relayed_in")
+        msg = envelope.msg
+        topic = msg.topic
+        if topic[:1] == "!":
+            self._on_control(topic, msg.data)
+            return
+        if "!" in topic:
+            if self._owner(topic) != self.instance_id:
+                return  # a direct send for another instance, relayed to everyone
+            payload = self._inbound(msg)
+            if payload is None:
+                return
+            if self._registry.put(topic, payload, monotonic() + self.config.expiry):
+                self._stats.incr("delivered")
+            else:
+                self._stats.incr("dropped.full")
+                self._reporter.report(ChannelFull(topic), "delivery")
+            return
+        if not self.group_name_regex.match(topic) or len(topic) >= self.MAX_NAME_LENGTH:
+            logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
+            return
+        payload = self._inbound(msg)
+        if payload is not None:
+            self._fan_out(topic, payload)
+
+    def _inbound(self, msg: SyncMessage) -> Payload | None:
+        """Check relayed data is a message; wrap data from crossws peers as one."""
+        data = msg.data
+        try:
+            if isinstance(data, str):
+                try:
+                    decoded = json.loads(data)
+                except ValueError:
+                    decoded = None
+                if type(decoded) is dict and isinstance(decoded.get("type"), str):
+                    return data
+                return serialize.dumps(
+                    {"type": "crossws.message", "text": data, "namespace": msg.namespace}
+                )
+            if data[:4] == serialize.BINARY_MARKER:
+                message = serialize.loads(data)
+                if not isinstance(message.get("type"), str):
+                    raise ValueError("the message has no 'type'")
+                return data
+            return serialize.dumps(
+                {"type": "crossws.message", "bytes": data, "namespace": msg.namespace}
+            )
+        except Exception as exc:
+            self._stats.incr("dropped.malformed")
+            self._reporter.report_flood(
+                "malformed",
+                MalformedMessage(f"dropped a relayed message for {msg.topic!r}: {exc}"),
+                "delivery",
+            )
+            return None
+
+    def _on_control(self, topic: str, data: str | bytes) -> None:
+        try:
+            group, channel = json.loads(data)
+            self.require_valid_group_name(group)
+            self.require_valid_channel_name(channel)
+        except Exception as exc:
+            self._stats.incr("dropped.malformed")
+            self._reporter.report_flood(
+                "malformed",
+                MalformedMessage(f"dropped a malformed {topic} message: {exc}"),
+                "delivery",
+            )
+            return
+        if topic in (_GROUP_ADD, _GROUP_DISCARD) and self._owner(channel) == self.instance_id:
+            self._apply_membership(topic, group, channel)
+
+    # Worker channels fed from the shared queue
+
+    def _worker_wanted(self, channel: str) -> bool:
+        return self._registry.has_waiters(channel)
+
+    def _worker_item(self, channel: str, item: str) -> bool:
+        """Take an item popped from the shared queue; False to put it back."""
+        envelope = decode_envelope(item)
+        if envelope is None:
+            self._stats.incr("dropped.malformed")
+            self._reporter.report_flood(
+                "malformed",
+                MalformedMessage(f"dropped a malformed item of {channel!r}"),
+                "delivery",
+            )
+            return True
+        if envelope.expires is not None and envelope.expires < time.time():
+            self._stats.incr("dropped.expired")
+            self._reporter.report(MessageExpired(1, [channel]), "delivery")
+            return True
+        payload = self._inbound(envelope.msg)
+        if payload is None:
+            return True
+        if self._registry.put_if_wanted(channel, payload):
+            self._stats.incr("delivered")
+            return True
+        return False
+
+    def _return_worker_item(self, channel: str, payload: Payload) -> None:
+        text = self._frame(channel, payload, time.time() + self.config.expiry)
+
+        async def give_back(driver: Driver) -> None:
+            assert isinstance(driver, SupportsWorkerQueue)
+            await driver.queue_return(channel, text)
+
+        self._backplane.spawn(give_back, f"return an item to {channel!r}")
+
+    # Housekeeping, on the home loop
+
+    def _sweep(self) -> None:
+        now = monotonic()
+        group_expiry: float | None = None
+        if now >= self._next_group_sweep:
+            group_expiry = self.config.group_expiry
+            self._next_group_sweep = now + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
+        expired = self._registry.sweep(group_expiry)
+        if expired:
+            total = sum(expired.values())
+            self._stats.incr("dropped.expired", total)
+            self._reporter.report(MessageExpired(total, sorted(expired)), "delivery")

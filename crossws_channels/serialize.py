@@ -1,0 +1,131 @@
+"""Channels message dicts to envelope data and back.
+
+A message that holds no bytes travels as its JSON text, which is what a crossws peer
+sharing the backplane expects to see. A message that holds bytes (or a float JSON can't
+spell, such as NaN) travels as binary data: a four-byte marker followed by msgpack.
+
+Serializing also validates: a message is refused with :class:`TypeError` at the call if
+it holds anything a Channels message may not (ASGI messages hold str, bytes, int, float,
+bool, None, and lists and dicts of those, with str keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import msgpack
+
+__all__ = ["BINARY_MARKER", "dumps", "loads", "payload_size"]
+
+# 0xC1 is the one byte msgpack never emits, so no plain msgpack document, and no
+# UTF-8 text, starts with this marker by accident.
+BINARY_MARKER = b"\xc1cw1"
+
+Message = dict[str, Any]
+
+
+class _NotJSON(Exception):
+    """Raised from the JSON encoder's fallback to leave the fast path."""
+
+
+def _not_json(value: object) -> Any:
+    raise _NotJSON
+
+
+_json_encode = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_not_json
+).encode
+_json_decode = json.JSONDecoder().decode
+_ALLOWED = "str, bytes, int, float, bool, None, and lists and dicts of those with str keys"
+
+
+def _walk(value: object, path: str) -> bool:
+    """Check ``value`` is a valid message value; return True if it needs binary form.
+
+    Subclasses of the allowed types (IntEnum, str subclasses, bytearray) are accepted and
+    travel as their base type.
+    """
+    if isinstance(value, (str, int)) or value is None:  # bool is an int
+        return False
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return True
+    if isinstance(value, dict):
+        binary = False
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"cannot send message: {path} has a key of type {type(key).__name__} "
+                    f"({key!r}); message dict keys must be str"
+                )
+            binary = _walk(item, f"{path}[{key!r}]") or binary
+        return binary
+    if isinstance(value, (list, tuple)):
+        binary = False
+        for index, item in enumerate(value):
+            binary = _walk(item, f"{path}[{index}]") or binary
+        return binary
+    raise TypeError(
+        f"cannot send message: {path} is of type {type(value).__name__}; a Channels "
+        f"message may hold only {_ALLOWED}"
+    )
+
+
+def _msgpack_default(value: object) -> Any:
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def dumps(message: Message) -> str | bytes:
+    """Serialize ``message`` to envelope data, refusing anything that can't round-trip."""
+    if type(message) is not dict:
+        if not isinstance(message, dict):
+            raise TypeError(f"a message must be a dict, not {type(message).__name__}")
+        message = dict(message)
+    try:
+        text = _json_encode(message)
+    except (_NotJSON, ValueError, TypeError):
+        # bytes, NaN, a bad key or an unsupported type: the walk tells which, with a path.
+        pass
+    else:
+        # JSON silently turns non-str keys into strings, which would not round-trip.
+        _walk(message, "message")
+        return text
+    if not _walk(message, "message"):
+        # Only possible for a type JSON refused but the walk accepted; be safe.
+        raise TypeError(f"cannot send message: it holds a value outside {_ALLOWED}")
+    try:
+        packed: bytes = msgpack.packb(
+            message, use_bin_type=True, default=_msgpack_default, unicode_errors="surrogatepass"
+        )
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise TypeError(f"cannot send message: {exc}") from exc
+    return BINARY_MARKER + packed
+
+
+def loads(data: str | bytes) -> Message:
+    """Deserialize envelope data produced by :func:`dumps`. Raises ValueError if invalid."""
+    if isinstance(data, str):
+        message = _json_decode(data)
+    elif data[:4] == BINARY_MARKER:
+        message = msgpack.unpackb(
+            data[4:], raw=False, strict_map_key=True, unicode_errors="surrogatepass"
+        )
+    else:
+        raise ValueError("binary data without the crossws_channels marker")
+    if type(message) is not dict:
+        raise ValueError("data is not a message dict")
+    return message
+
+
+def payload_size(data: str | bytes) -> int:
+    """Bytes ``data`` occupies on the wire before base64 or escaping."""
+    if isinstance(data, bytes):
+        return len(data)
+    if data.isascii():
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))

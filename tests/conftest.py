@@ -1,0 +1,119 @@
+"""Shared fixtures: where the real servers are, and private ones for outage tests.
+
+Tests reach Redis and PostgreSQL at the URLs in ``CROSSWS_REDIS_URL`` and
+``CROSSWS_PG_DSN`` (defaults: the local servers on their standard ports). When a server
+can't be reached the tests that need it are skipped, or fail when
+``CROSSWS_REQUIRE_SERVICES=1`` (as in CI), so a missing service can't pass for green.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.servers import PostgresServer, RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REDIS_URL = os.environ.get("CROSSWS_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_DSN = os.environ.get("CROSSWS_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE_SERVICES = os.environ.get("CROSSWS_REQUIRE_SERVICES") == "1"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _need(url: str, default_port: int, what: str) -> str:
+    if _reachable(url, default_port):
+        return url
+    message = f"{what} is not reachable at {url}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} and CROSSWS_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the shared Redis server (skip or fail if it is down)."""
+    return _need(REDIS_URL, 6379, "Redis")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """DSN of the shared PostgreSQL server (skip or fail if it is down)."""
+    return _need(PG_DSN, 5432, "PostgreSQL")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server the test may kill and restart."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server the test may stop and restart."""
+    with PostgresServer() as server:
+        yield server
+
+
+# Layers
+
+
+class ErrorLog:
+    """An ``on_error`` hook that records what it is given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Exception, str]] = []
+
+    def __call__(self, error: Exception, stage: str) -> None:
+        self.calls.append((error, stage))
+
+    def of(self, kind: type[Exception], stage: str | None = None) -> list[Exception]:
+        return [e for e, s in self.calls if isinstance(e, kind) and (stage is None or s == stage)]
+
+
+@pytest.fixture
+def errors() -> ErrorLog:
+    """A fresh on_error hook recorder."""
+    return ErrorLog()
+
+
+@pytest.fixture
+async def make_layer(request: pytest.FixtureRequest) -> Any:
+    """Build layers (default: local driver, a channel unique to the test); close them after."""
+    from crossws_channels.layer import BackplaneChannelLayer
+
+    layers: list[BackplaneChannelLayer] = []
+    channel = f"test-{uuid.uuid4().hex[:10]}"
+
+    def make(**config: Any) -> BackplaneChannelLayer:
+        config.setdefault("driver", "local")
+        config.setdefault("channel", channel)
+        layer = BackplaneChannelLayer(**config)
+        layers.append(layer)
+        return layer
+
+    yield make
+    for layer in layers:
+        await asyncio.wait_for(layer.close(), 10)

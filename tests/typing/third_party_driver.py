@@ -1,0 +1,66 @@
+"""A complete crossws_channels driver in one page: relaying over Redis pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.client import PubSub
+
+from crossws_channels.drivers import Deliver, DriverFactory
+from crossws_channels.errors import ConfigurationError
+
+
+class TinyRedisDriver:
+    """Relays every envelope over one Redis pub/sub channel."""
+
+    # Option names besides "channel"; the layer rejects any other key for us.
+    OPTIONS = frozenset({"url"})
+
+    def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
+        # Validate here, at start-up, but open nothing: no event loop runs yet.
+        url = options.get("url")
+        if not isinstance(url, str) or not url.startswith("redis://"):
+            raise ConfigurationError(f"must be a redis:// URL, got {url!r}", key="url")
+        self._url = url
+        self._topic = f"tiny-driver:{options['channel']}"
+        self._client: redis.Redis | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(self._url)
+        return self._client
+
+    async def publish(self, envelope: str, /) -> None:
+        # Raising is fine: the layer reports the failure with stage "publish".
+        await self._redis().publish(self._topic, envelope)
+
+    async def subscribe(self, deliver: Deliver, /) -> None:
+        pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
+        # If Redis is down this raises, and the layer calls subscribe again later.
+        await pubsub.subscribe(self._topic)
+        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub, deliver))
+
+    async def _listen(self, pubsub: PubSub, deliver: Deliver) -> None:
+        try:
+            async for message in pubsub.listen():
+                # Raw bytes as they came: the layer decodes, validates and drops our echo.
+                deliver(message["data"])
+        finally:
+            await pubsub.reset()  # unsubscribe and release the connection
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._client is not None:
+            await self._client.aclose()
+
+
+# mypy checks here that the class satisfies the driver protocol.
+factory: DriverFactory = TinyRedisDriver
