@@ -1,0 +1,1 @@
+"""testproject: a Django Channels chat served through crossws_channels."""

@@ -1,0 +1,15 @@
+"""HTTP routes: the chat pages and the two sync views that talk to the channel layer."""
+
+from __future__ import annotations
+
+from django.urls import URLPattern, path, re_path
+
+from testproject.chat import views
+from testproject.chat.rooms import ROOM
+
+urlpatterns: list[URLPattern] = [
+    path("", views.index, name="index"),
+    re_path(rf"^chat/(?P<room>{ROOM})/$", views.room, name="room"),
+    re_path(rf"^chat/(?P<room>{ROOM})/announce/$", views.announce, name="announce"),
+    re_path(rf"^chat/(?P<room>{ROOM})/job/$", views.job, name="job"),
+]
