@@ -138,6 +138,7 @@ class Backplane:
         sweep_interval: float,
         worker_wanted: Callable[[str], bool],
         worker_item: Callable[[str, str], bool],
+        on_restored: Callable[[], None],
     ) -> None:
         self._instance_id = instance_id
         self._factory = factory
@@ -150,6 +151,7 @@ class Backplane:
         self._sweep_interval = sweep_interval
         self._worker_wanted = worker_wanted
         self._worker_item = worker_item
+        self._on_restored = on_restored
         self.shared_queues = isinstance(driver, SupportsWorkerQueue)
 
         self._lock = threading.Lock()
@@ -167,6 +169,8 @@ class Backplane:
         # Set once the first subscription attempt of the current run has finished.
         self._first_attempt: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Coroutines run on the home loop for as long as the backplane runs (heartbeat).
+        self.periodic: list[Callable[[], Awaitable[None]]] = []
         _live.add(self)
 
     # Home loop
@@ -238,6 +242,7 @@ class Backplane:
         flusher = loop.create_task(self._flush_forever(driver))
         sweeper = loop.create_task(self._sweep_forever())
         subscriber = loop.create_task(self._subscribe(driver))
+        extras = [loop.create_task(self._supervised(job)) for job in self.periodic]
         ended = False
         try:
             await stop
@@ -246,7 +251,7 @@ class Backplane:
             ended = True
             raise
         finally:
-            helpers = [subscriber, sweeper, flusher, *self._fetchers.values()]
+            helpers = [subscriber, sweeper, flusher, *extras, *self._fetchers.values()]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -276,15 +281,50 @@ class Backplane:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, limit)
             else:
-                self._reporter.outage_ended("subscription")
                 self._stats.incr("subscribed")
                 self._first_attempt_done()
+                if self._reporter.outage_ended("subscription") is not None:
+                    self._on_restored()
                 return
 
     def _first_attempt_done(self) -> None:
         attempt = self._first_attempt
         if not attempt.done():
             attempt.set_result(None)
+
+    async def _supervised(self, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await job()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("a backplane background job failed; restarting it")
+                await asyncio.sleep(1.0)
+
+    def restart(self) -> None:
+        """Close the driver and subscribe again with a new one, on the home loop."""
+        home = self._home
+        if home is None:
+            return
+
+        async def renew() -> None:
+            await self._shutdown_here()
+            self._start(asyncio.get_running_loop())
+
+        def begin() -> None:
+            task = asyncio.get_running_loop().create_task(renew())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if self._on_home():
+            begin()
+        else:
+            try:
+                home.call_soon_threadsafe(begin)
+            except RuntimeError:
+                pass
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -306,6 +306,13 @@ class Registry:
                 "memberships": sum(len(members) for members in self._groups.values()),
             }
 
+    def owned_channels(self, instance_id: str) -> list[str]:
+        """This instance's process-specific channels: receiving, or in a group."""
+        marker = instance_id + "!"
+        with self.lock:
+            names = set(self._mailboxes) | set(self._memberships)
+        return [name for name in names if marker in name]
+
     def channels_with_items(self) -> Iterable[str]:
         with self.lock:
             return list(self._pending)

@@ -40,6 +40,8 @@ LAYER_KEYS = frozenset(
         "channel_capacity",
         "max_message_size",
         "namespace",
+        "heartbeat",
+        "resync_type",
     }
 )
 """Keys the layer uses itself; every other CONFIG key is an option of the driver."""
@@ -48,6 +50,7 @@ DEFAULT_EXPIRY = 60.0
 DEFAULT_GROUP_EXPIRY = 86400.0
 DEFAULT_CAPACITY = 100
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+DEFAULT_HEARTBEAT = 15.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class LayerConfig:
     channel_capacity: list[tuple[re.Pattern[str], int]] = field(default_factory=list)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     namespace: str = ""
+    heartbeat: float = DEFAULT_HEARTBEAT
+    resync_type: str | None = None
     alias: str | None = None
 
 
@@ -199,6 +204,25 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         raise ConfigurationError(
             f"{setting_path(alias, 'namespace')} must be a string, got {namespace!r}"
         )
+    heartbeat = config.get("heartbeat", DEFAULT_HEARTBEAT)
+    if heartbeat is None:
+        heartbeat = 0
+    if (
+        isinstance(heartbeat, bool)
+        or not isinstance(heartbeat, (int, float))
+        or not math.isfinite(heartbeat)
+        or heartbeat < 0
+    ):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'heartbeat')} must be a number of seconds (0 turns the "
+            f"heartbeat off), got {heartbeat!r}"
+        )
+    resync_type = config.get("resync_type")
+    if resync_type is not None and (not isinstance(resync_type, str) or not resync_type):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'resync_type')} must be a message type (a non-empty "
+            f"string) or None, got {resync_type!r}"
+        )
     factory, driver_name = _driver(config.get("driver"), alias)
     options = {key: value for key, value in config.items() if key not in LAYER_KEYS}
     options["channel"] = channel
@@ -214,6 +238,8 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         channel_capacity=_channel_capacity(config.get("channel_capacity"), alias),
         max_message_size=_positive_int(config, "max_message_size", DEFAULT_MAX_MESSAGE_SIZE, alias),
         namespace=namespace,
+        heartbeat=float(heartbeat),
+        resync_type=resync_type,
         alias=alias,
     )
 

@@ -8,6 +8,8 @@ The tree::
     ├── MessageExpired          reported: a message waited longer than ``expiry``
     └── BackplaneError
         ├── MalformedMessage    reported: backplane traffic that could not be decoded
+        ├── MessagesLost        reported: a sender's sequence numbers skipped some
+        ├── DeafSubscription    reported: the subscription stopped receiving
         ├── RelayUnavailable    the multiprocessing relay cannot be reached
         └── BackplaneOverloaded reported: the outbox was full, messages were dropped
 
@@ -30,10 +32,12 @@ __all__ = [
     "BackplaneOverloaded",
     "ConfigurationError",
     "CrosswsChannelsError",
+    "DeafSubscription",
     "ErrorHandler",
     "MalformedMessage",
     "MessageExpired",
     "MessageTooLarge",
+    "MessagesLost",
     "RelayUnavailable",
     "Stage",
 ]
@@ -102,6 +106,19 @@ class BackplaneError(CrosswsChannelsError):
 
 class MalformedMessage(BackplaneError):
     """Traffic on the backplane that is not a valid envelope; it was dropped."""
+
+
+class MessagesLost(BackplaneError):
+    """Relayed messages from another instance never arrived (a gap in its numbering)."""
+
+    def __init__(self, sender: str, count: int) -> None:
+        super().__init__(f"{count} message(s) relayed by instance {sender} never arrived")
+        self.sender = sender
+        self.count = count
+
+
+class DeafSubscription(BackplaneError):
+    """The subscription looked connected but no longer received; it was renewed."""
 
 
 class RelayUnavailable(BackplaneError):

@@ -12,6 +12,7 @@ whole cluster.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import secrets
@@ -25,12 +26,20 @@ from channels.layers import BaseChannelLayer
 
 from . import serialize
 from ._backplane import Backplane
+from ._monitor import HEARTBEAT, PING, PONG, Heartbeat, Pinger, Pong, SequenceGaps, identity
 from ._registry import Payload, Registry
 from ._reporting import Reporter, Stats
 from .config import LayerConfig, build_driver, find_alias, parse_config
 from .drivers.base import Driver, SupportsFlush, SupportsWorkerQueue
 from .envelope import SyncMessage, decode_envelope, encode_frame
-from .errors import MalformedMessage, MessageExpired, MessageTooLarge, Stage
+from .errors import (
+    DeafSubscription,
+    MalformedMessage,
+    MessageExpired,
+    MessagesLost,
+    MessageTooLarge,
+    Stage,
+)
 
 logger = logging.getLogger("crossws_channels")
 
@@ -75,7 +84,7 @@ class _Inbox:
 
     def connection_made(self) -> None:
         if self._layer._reporter.outage_ended("subscription") is not None:
-            self._layer._stats.incr("reconnects")
+            self._layer._restored()
 
 
 class BackplaneChannelLayer(BaseChannelLayer):
@@ -109,9 +118,23 @@ class BackplaneChannelLayer(BaseChannelLayer):
             sweep_interval=max(0.05, min(1.0, self.config.expiry / 4)),
             worker_wanted=self._worker_wanted,
             worker_item=self._worker_item,
+            on_restored=self._restored,
         )
         self._registry = Registry(self.get_capacity, lambda: self._backplane.shared_queues)
         self._supports_flush = isinstance(driver, SupportsFlush)
+        # Broadcasts are numbered so that receivers can count what they missed.
+        self._broadcast_seq = itertools.count(1)
+        self._gaps = SequenceGaps()
+        self._pinger = Pinger()
+        self._heartbeat: Heartbeat | None = None
+        if self.config.heartbeat > 0:
+            self._heartbeat = Heartbeat(
+                self.config.heartbeat,
+                lambda token: self._broadcast(HEARTBEAT, token),
+                self._relay_healthy,
+                self._deaf,
+            )
+            self._backplane.periodic.append(self._heartbeat.run)
         self._next_group_sweep = monotonic() + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
 
     def __repr__(self) -> str:
@@ -143,10 +166,20 @@ class BackplaneChannelLayer(BaseChannelLayer):
             raise MessageTooLarge(size, self.config.max_message_size)
         return payload
 
-    def _frame(self, topic: str, data: str | bytes, expires: float | None = None) -> str:
+    def _frame(
+        self, topic: str, data: str | bytes, expires: float | None = None, seq: int | None = None
+    ) -> str:
         return encode_frame(
-            self.instance_id, SyncMessage(self.config.namespace, topic, data), expires=expires
+            self.instance_id,
+            SyncMessage(self.config.namespace, topic, data),
+            seq=seq,
+            expires=expires,
         )
+
+    async def _broadcast(self, topic: str, data: str | bytes) -> None:
+        """Relay to every instance, numbered."""
+        frame = self._frame(topic, data, seq=next(self._broadcast_seq))
+        await self._backplane.publish(None, frame)
 
     # Channel layer API
 
@@ -270,7 +303,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         payload = self._serialize(message)
         await self._backplane.ensure()
         self._fan_out(group, payload)
-        await self._backplane.publish(None, self._frame(group, payload))
+        await self._broadcast(group, payload)
 
     def _fan_out(self, group: str, payload: Payload) -> None:
         now = monotonic()
@@ -321,12 +354,14 @@ class BackplaneChannelLayer(BaseChannelLayer):
         await self._backplane.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters and sizes of this instance, for monitoring."""
+        """Counters and sizes of this instance, for monitoring (see docs/operations.md)."""
         return {
             "instance_id": self.instance_id,
             "driver": self.config.driver_name,
             "channel": self.config.channel,
+            "connected": self._backplane.home is not None and self._relay_healthy(),
             **self._stats.snapshot(),
+            "lost_by_sender": dict(self._gaps.missing),
             **self._registry.sizes(),
         }
 
@@ -344,13 +379,19 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 "delivery",
             )
             return
-        if envelope.id == self.instance_id:
-            return  # our own echo
-        self._stats.incr("relayed_in")
         msg = envelope.msg
         topic = msg.topic
+        sender = envelope.id
+        if sender == self.instance_id:
+            # Our own echo: only the control messages we address to ourselves matter.
+            if topic[:1] == "!":
+                self._on_control(sender, topic, msg.data)
+            return
+        self._stats.incr("relayed_in")
+        if envelope.seq is not None:  # only broadcasts are numbered
+            self._count_gap(sender, envelope.seq)
         if topic[:1] == "!":
-            self._on_control(topic, msg.data)
+            self._on_control(sender, topic, msg.data)
             return
         if "!" in topic:
             if self._owner(topic) != self.instance_id:
@@ -370,6 +411,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         payload = self._inbound(msg)
         if payload is not None:
             self._fan_out(topic, payload)
+
+    def _count_gap(self, sender: str, seq: int) -> None:
+        missing = self._gaps.observe(sender, seq)
+        if missing:
+            self._stats.incr("lost", missing)
+            self._reporter.report_flood(f"gap {sender}", MessagesLost(sender, missing), "delivery")
 
     def _inbound(self, msg: SyncMessage) -> Payload | None:
         """Check relayed data is a message; wrap data from crossws peers as one."""
@@ -402,7 +449,22 @@ class BackplaneChannelLayer(BaseChannelLayer):
             )
             return None
 
-    def _on_control(self, topic: str, data: str | bytes) -> None:
+    def _on_control(self, sender: str, topic: str, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8", "replace")
+        if topic == HEARTBEAT:
+            if sender == self.instance_id and self._heartbeat is not None:
+                self._heartbeat.heard(data)
+            return
+        if topic == PING:
+            self._answer_ping(sender, data)
+            return
+        if topic == PONG:
+            self._pinger.answered(sender, data)
+            return
+        if topic not in (_GROUP_ADD, _GROUP_DISCARD):
+            logger.debug("ignoring an unknown control message %r", topic)
+            return
         try:
             group, channel = json.loads(data)
             self.require_valid_group_name(group)
@@ -415,8 +477,61 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 "delivery",
             )
             return
-        if topic in (_GROUP_ADD, _GROUP_DISCARD) and self._owner(channel) == self.instance_id:
+        if self._owner(channel) == self.instance_id:
             self._apply_membership(topic, group, channel)
+
+    # Monitoring
+
+    def _relay_healthy(self) -> bool:
+        reporter = self._reporter
+        return not (reporter.in_outage("subscription") or reporter.in_outage("publishing"))
+
+    def _deaf(self, error: DeafSubscription) -> None:
+        self._stats.incr("deaf")
+        self._reporter.outage_started("subscription", error, "subscribe")
+        self._backplane.restart()
+
+    def _restored(self) -> None:
+        """The subscription is back after an outage."""
+        self._stats.incr("reconnects")
+        resync_type = self.config.resync_type
+        if resync_type is not None:
+            payload = serialize.dumps({"type": resync_type})
+            deadline = monotonic() + self.config.expiry
+            for channel in self._registry.owned_channels(self.instance_id):
+                self._registry.put(channel, payload, deadline)
+
+    def _answer_ping(self, sender: str, data: str) -> None:
+        try:
+            request = json.loads(data)
+            token = request["token"]
+            want_stats = bool(request.get("stats"))
+        except (ValueError, KeyError, TypeError):
+            return
+        info: dict[str, Any] = {**identity(), "driver": self.config.driver_name}
+        if want_stats:
+            info["stats"] = self.stats()
+        answer = json.dumps({"token": token, "info": info})
+        self._backplane.spawn(
+            lambda driver: self._backplane.publish(sender, self._frame(PONG, answer)),
+            "answer a ping",
+        )
+
+    async def ping(self, timeout: float = 2.0, *, stats: bool = False) -> list[Pong]:
+        """Ask every live instance of the cluster, this one included, to answer.
+
+        Returns the answers that came within ``timeout`` seconds, fastest first, each
+        with its round-trip time and, with ``stats=True``, that instance's ``stats()``.
+        This instance's own answer proves the backplane carries its messages both ways.
+        """
+        await self._backplane.subscribed()
+        token = self._pinger.start()
+        try:
+            await self._broadcast(PING, json.dumps({"token": token, "stats": stats}))
+            await asyncio.sleep(timeout)
+        finally:
+            pongs = self._pinger.finish(token)
+        return pongs
 
     # Worker channels fed from the shared queue
 

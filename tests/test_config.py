@@ -81,6 +81,10 @@ def build(config: dict[str, Any], alias: str = "default") -> Any:
             "['max_message_size'] must be a positive integer",
         ),
         ({"driver": "local", "channel": "app", "namespace": 3}, "['namespace'] must be a string"),
+        ({"driver": "local", "channel": "app", "heartbeat": -1}, "['heartbeat'] must be a number"),
+        ({"driver": "local", "channel": "app", "heartbeat": "5"}, "['heartbeat'] must be a number"),
+        ({"driver": "local", "channel": "app", "resync_type": ""}, "['resync_type'] must be"),
+        ({"driver": "local", "channel": "app", "resync_type": 1}, "['resync_type'] must be"),
     ],
 )
 def test_invalid_config_fails_when_the_layer_is_built(config: dict[str, Any], message: str) -> None:
@@ -118,6 +122,8 @@ def test_valid_config_is_accepted() -> None:
             "channel_capacity": {re.compile("^jobs$"): 3, "chat.*": 9},
             "max_message_size": 2048,
             "namespace": "ns",
+            "heartbeat": 0,
+            "resync_type": "relay.resync",
         }
     )
     assert (
@@ -126,6 +132,8 @@ def test_valid_config_is_accepted() -> None:
         layer.get_capacity("other"),
     ) == (3, 9, 7)
     assert layer.config.namespace == "ns"
+    assert layer.config.heartbeat == 0
+    assert layer.config.resync_type == "relay.resync"
 
 
 def test_driver_by_dotted_path_and_by_callable() -> None:

@@ -1,0 +1,163 @@
+"""Seeing into a best-effort relay: heartbeats, sequence gaps and pings.
+
+* Every broadcast an instance relays carries a sequence number. A receiver that sees a
+  sender's numbers jump knows how many of its messages it missed, and counts them
+  (``stats()``, ``on_error`` with stage ``delivery``) instead of leaving users to guess.
+* A periodic heartbeat is relayed to the cluster and must come back to its sender. A
+  subscription that stays connected but no longer receives (it happens: a proxy that
+  dropped the subscription, a server-side client kill that the client library did not
+  notice) is detected this way, reported with stage ``subscribe`` and repaired by
+  subscribing again.
+* A ping asks every live instance to answer its sender directly, with its counters: the
+  ``backplane_check`` and ``backplane_stats`` management commands are built on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DeafSubscription
+
+logger = logging.getLogger("crossws_channels")
+
+__all__ = ["HEARTBEAT", "PING", "PONG", "Heartbeat", "Pinger", "SequenceGaps"]
+
+HEARTBEAT = "!hb"
+PING = "!ping"
+PONG = "!pong"
+# Senders remembered for gap counting; older ones are forgotten first.
+MAX_SENDERS = 4096
+
+
+class SequenceGaps:
+    """Counts, per sender, the sequence numbers that never arrived."""
+
+    def __init__(self) -> None:
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self.missing: dict[str, int] = {}
+
+    def observe(self, sender: str, seq: int) -> int:
+        """Record ``seq`` from ``sender``; return how many messages before it are missing."""
+        last = self._last.get(sender)
+        self._last[sender] = max(seq, last or 0)
+        self._last.move_to_end(sender)
+        if len(self._last) > MAX_SENDERS:
+            forgotten, _ = self._last.popitem(last=False)
+            self.missing.pop(forgotten, None)
+        if last is None or seq <= last + 1:
+            # The first message from a sender starts its count; a late one closes no gap.
+            return 0
+        gap = seq - last - 1
+        self.missing[sender] = self.missing.get(sender, 0) + gap
+        return gap
+
+    def forget(self) -> None:
+        """Start over, as after a reconnection (the gap is the outage, already reported)."""
+        self._last.clear()
+
+
+class Heartbeat:
+    """Relays a heartbeat every ``interval`` seconds and expects it back."""
+
+    def __init__(
+        self,
+        interval: float,
+        publish: Callable[[str], Any],
+        healthy: Callable[[], bool],
+        on_deaf: Callable[[DeafSubscription], None],
+    ) -> None:
+        self.interval = interval
+        # The echo must come back within this; relays answer in milliseconds.
+        self.timeout = max(0.5, min(5.0, interval))
+        self._publish = publish
+        self._healthy = healthy
+        self._on_deaf = on_deaf
+        self._counter = itertools.count(1)
+        self._waiting: tuple[str, asyncio.Future[None]] | None = None
+
+    def heard(self, token: str) -> None:
+        """Our own heartbeat came back through the backplane."""
+        waiting = self._waiting
+        if waiting is not None and waiting[0] == token and not waiting[1].done():
+            waiting[1].set_result(None)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self._healthy():
+                continue  # the driver already knows it is disconnected and is reconnecting
+            token = f"{next(self._counter)}"
+            echo: asyncio.Future[None] = loop.create_future()
+            self._waiting = (token, echo)
+            started = time.monotonic()
+            await self._publish(token)
+            try:
+                await asyncio.wait_for(echo, self.timeout)
+            except asyncio.TimeoutError:
+                if self._healthy():
+                    self._on_deaf(
+                        DeafSubscription(
+                            f"the backplane subscription is connected but deaf: a heartbeat "
+                            f"did not come back within {self.timeout:g}s; subscribing again"
+                        )
+                    )
+            else:
+                logger.debug("heartbeat came back in %.1f ms", (time.monotonic() - started) * 1e3)
+            finally:
+                self._waiting = None
+
+
+@dataclass
+class Pong:
+    """One instance's answer to a ping."""
+
+    instance_id: str
+    rtt: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def identity() -> dict[str, Any]:
+    """Who answers a ping: enough for an operator to find the process."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+class Pinger:
+    """Collects the answers to this instance's pings."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._pending: dict[str, tuple[float, list[Pong]]] = {}
+
+    def start(self) -> str:
+        token = f"{os.getpid()}-{next(self._counter)}-{time.monotonic_ns()}"
+        self._pending[token] = (time.monotonic(), [])
+        return token
+
+    def answered(self, sender: str, data: str) -> None:
+        try:
+            answer = json.loads(data)
+            token = answer["token"]
+            info = answer.get("info") or {}
+        except (ValueError, KeyError, TypeError):
+            return
+        pending = self._pending.get(token) if isinstance(token, str) else None
+        if pending is None or not isinstance(info, dict):
+            return
+        started, pongs = pending
+        if all(pong.instance_id != sender for pong in pongs):
+            pongs.append(Pong(sender, time.monotonic() - started, info))
+
+    def finish(self, token: str) -> list[Pong]:
+        _, pongs = self._pending.pop(token, (0.0, []))
+        return sorted(pongs, key=lambda pong: pong.rtt)
