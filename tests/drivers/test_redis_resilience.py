@@ -1,0 +1,157 @@
+"""The redis driver through outages, on a private redis-server the tests kill and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import pytest
+
+from crossws_channels.drivers.redis import RedisDriver
+from tests.drivers._redis_support import kill_subscriber, paused, raw_client, subscribed, unique
+from tests.drivers.collector import Collector
+from tests.servers import RedisServer
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+logger = logging.getLogger(__name__)
+
+
+async def _until_relayed(url: str, channel: str, got: Collector, timeout: float = 10.0) -> float:
+    """Publish probes every 20 ms until one arrives; return the seconds it took."""
+    started = time.monotonic()
+    async with raw_client(url, socket_connect_timeout=0.5) as raw:
+        while True:
+            probe = unique("probe").encode()
+            # The server may not accept connections yet.
+            with contextlib.suppress(Exception):
+                await raw.publish(channel, probe)
+            await asyncio.sleep(0.02)
+            if probe in got.raw:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"nothing relayed within {timeout} s")
+
+
+async def test_client_kill_of_the_subscribe_connection(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After CLIENT KILL of its subscribe connection the driver reports the loss once,
+    resubscribes, reports it is back once, and relays again."""
+    caplog.set_level(logging.INFO, logger="crossws_channels.drivers.redis")
+    channel = unique("c")
+    instance = unique("killed")
+    async with subscribed(redis_server.url, channel, instance) as (_driver, got):
+        assert kill_subscriber(redis_server.url, instance) == 1
+        await got.wait_for(lambda c: c.made == 1)
+        took = await _until_relayed(redis_server.url, channel, got)
+        assert len(got.lost) == 1
+        assert got.made == 1
+        logger.info("relaying resumed %.3f s after CLIENT KILL", took)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "lost" in r.message]
+    infos = [r for r in caplog.records if r.levelno == logging.INFO and "restored" in r.message]
+    assert len(warnings) == 1
+    assert len(infos) == 1
+
+
+async def test_restart_reports_once_and_resumes_within_two_seconds(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis restart with 1.5 s of downtime is one connection_lost and one
+    connection_made, and relaying resumes within 2 s of Redis answering again."""
+    channel = unique("c")
+    async with subscribed(redis_server.url, channel) as (_driver, got):
+        await _until_relayed(redis_server.url, channel, got)
+        redis_server.stop()
+        await got.wait_for(lambda c: len(c.lost) == 1)
+        await asyncio.sleep(1.5)  # many reconnect attempts fail meanwhile
+        assert len(got.lost) == 1
+        assert got.made == 0
+        await asyncio.to_thread(redis_server.start)  # returns once the port accepts
+        took = await _until_relayed(redis_server.url, channel, got)
+        print(f"\nrelaying resumed {took:.3f} s after the restarted Redis accepted connections")
+        assert took < 2.0
+        assert len(got.lost) == 1
+        assert got.made == 1
+
+
+async def test_every_outage_is_reported_once(redis_server: RedisServer) -> None:
+    """Three outages in a row make three connection_lost/connection_made pairs."""
+    channel = unique("c")
+    async with subscribed(redis_server.url, channel) as (_driver, got):
+        for outage in range(1, 4):
+            await asyncio.to_thread(redis_server.restart, 0.3)
+            await got.wait_for(lambda c, n=outage: c.made == n)
+            await _until_relayed(redis_server.url, channel, got)
+        assert len(got.lost) == 3
+        assert got.made == 3
+
+
+async def test_hung_server_is_noticed_by_the_health_check(redis_server: RedisServer) -> None:
+    """A server that stops answering (SIGSTOP: the socket stays open) is declared lost
+    after the idle PING goes unanswered, and the subscription recovers when it resumes."""
+    channel = unique("c")
+    url = f"{redis_server.url}?health_check_interval=1&socket_timeout=0.5"
+    assert redis_server.process is not None
+    async with subscribed(url, channel) as (_driver, got):
+        started = time.monotonic()
+        with paused(redis_server.process.pid):
+            await got.wait_for(lambda c: len(c.lost) == 1, timeout=5)
+            noticed = time.monotonic() - started
+        assert noticed < 3.0
+        await got.wait_for(lambda c: c.made == 1, timeout=10)
+        await _until_relayed(redis_server.url, channel, got)
+
+
+async def test_publish_raises_while_down_and_works_after(redis_server: RedisServer) -> None:
+    """While Redis is down publish() raises (the layer reports it); once it is back, the
+    driver's pooled connections recover by themselves."""
+    channel = unique("c")
+    async with subscribed(redis_server.url, channel) as (driver, got):
+        await driver.publish("before")
+        redis_server.stop()
+        with pytest.raises(Exception, match=r"(?i)connect"):
+            await driver.publish("during")
+        with pytest.raises(Exception, match=r"(?i)connect"):
+            await driver.queue_pop("w", 0.1)
+        await asyncio.to_thread(redis_server.start)
+        await got.wait_for(lambda c: c.made == 1)
+        await driver.publish("after")
+        await got.wait_for(lambda c: b"after" in c.raw)
+        assert b"during" not in got.raw
+        assert await driver.queue_push("w", "job", 5, time.time() + 5)
+        assert await driver.queue_pop("w", 1) == "job"
+
+
+async def test_pops_survive_a_restart_between_calls(redis_server: RedisServer) -> None:
+    """An idle pop connection broken by a restart is replaced before it is used again."""
+    channel = unique("c")
+    driver = RedisDriver(unique("i"), {"channel": channel, "url": redis_server.url})
+    try:
+        assert await driver.queue_pop("w", 0.05) is None
+        await asyncio.to_thread(redis_server.restart)
+        assert await driver.queue_push("w", "job", 5, time.time() + 5)
+        assert await driver.queue_pop("w", 1) == "job"
+    finally:
+        await driver.close()
+
+
+async def test_redis_down_at_start_then_up(redis_server: RedisServer) -> None:
+    """subscribe() raises while Redis is down and succeeds once it is up."""
+    redis_server.stop()
+    channel = unique("c")
+    driver = RedisDriver(unique("i"), {"channel": channel, "url": redis_server.url})
+    got = Collector()
+    try:
+        with pytest.raises(Exception, match=r"(?i)connect"):
+            await driver.subscribe(got)
+        await asyncio.to_thread(redis_server.start)
+        await driver.subscribe(got)
+        await driver.publish("up")
+        await got.wait_for(lambda c: c.raw == [b"up"])
+        assert got.lost == []
+        assert got.made == 0
+    finally:
+        await driver.close()
