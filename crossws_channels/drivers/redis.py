@@ -317,7 +317,7 @@ class RedisDriver:
             await self._client.aclose()
             # A pool handed to the client explicitly is not closed by aclose().
             await asyncio.wait_for(self._client.connection_pool.disconnect(), CLOSE_TIMEOUT)
-            if self.options.owns_client:
+            if self.options.owns_client and self.options.client is not None:
                 # Made by the factory for this driver: never used, but ours to close.
                 await self.options.client.aclose()
         except Exception:

@@ -73,3 +73,50 @@ def run_node(script: str, payload: Any, timeout: float = 60) -> Any:
     if result.returncode != 0:
         raise AssertionError(f"node failed ({result.returncode}):\n{result.stderr}")
     return json.loads(result.stdout)
+
+
+# The clients crossws's sync drivers take, pinned for repeatable runs.
+CLIENT_PACKAGES = {"ioredis": "6.0.0", "pg": "8.23.1"}
+SERVER_SCRIPT = Path(__file__).with_name("crossws_server.mjs")
+
+
+class CrosswsServer:
+    """A crossws server (tests/node/crossws_server.mjs) on a shared backplane."""
+
+    def __init__(self, env: dict[str, str], port: int) -> None:
+        self.port = port
+        prefix = node_prefix(CLIENT_PACKAGES)
+        # Node resolves packages from the script's directory upwards; run a copy in the
+        # directory that holds node_modules.
+        script = prefix / SERVER_SCRIPT.name
+        script.write_text(SERVER_SCRIPT.read_text())
+        self.process = subprocess.Popen(
+            ["node", str(script)],
+            cwd=prefix,
+            env={**os.environ, **env, "PORT": str(port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != "ready":
+            self.process.kill()
+            rest = self.process.stdout.read()
+            raise AssertionError(f"the crossws server did not start:\n{line}{rest}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> str:
+        """Stop the server; return what it printed."""
+        self.process.terminate()
+        try:
+            output, _ = self.process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate()
+        return output or ""
