@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Development commands for crossws_channels. Needs only Python >= 3.10 with venv.
 
-    python3 dev.py demo [--port 8000] [--processes 1] [--driver local]
+    python3 dev.py demo [--port 8000] [--processes 2] [--driver multiprocessing]
     python3 dev.py test [pytest arguments ...]
     python3 dev.py lint
 
@@ -11,8 +11,10 @@ install is repeated only when ``pyproject.toml`` changes: a stamp file in the vi
 environment holds the hash of the ``pyproject.toml`` it was installed from.
 ``CROSSWS_VENV`` names another virtual environment directory to use instead.
 
-``demo`` serves testproject's chat with daphne on 127.0.0.1 and prints the URL of each
-server process; Ctrl-C stops everything. ``test`` runs pytest, passing every extra
+``demo`` serves testproject's chat as a real cluster on 127.0.0.1: by default two daphne
+processes and a ``runworker`` process, relayed by the ``multiprocessing`` driver's relay
+(nothing else to install); it prints the URL of each server process. Ctrl-C stops
+everything. ``test`` runs pytest, passing every extra
 argument through (``python3 dev.py test -x -k envelope``). ``lint`` runs ruff and mypy.
 """
 
@@ -177,8 +179,11 @@ class Service:
     env: dict[str, str]
     port: int | None = None
     note: str = ""
+    # A line the service prints once it is ready, for services without a port.
+    ready_text: str | None = None
     process: subprocess.Popen[str] | None = field(default=None, repr=False)
     listen_failed: bool = False
+    ready_seen: bool = False
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -200,6 +205,8 @@ class Service:
         for line in output:
             # daphne keeps running when it can't bind its port; notice it.
             self.listen_failed = self.listen_failed or "Listen failure" in line
+            if self.ready_text is not None and self.ready_text in line:
+                self.ready_seen = True
             print(f"[{self.name}] {line}", end="", flush=True)
 
     @property
@@ -210,6 +217,12 @@ class Service:
         return self.process is not None and self.process.poll() is None
 
     def wait_ready(self, deadline: float) -> None:
+        while self.ready_text is not None and not self.ready_seen:
+            if not self.running():
+                raise DevError(f"{self.name} exited during start-up; see its output above")
+            if time.monotonic() > deadline:
+                raise DevError(f"{self.name} did not report that it is ready")
+            time.sleep(0.05)
         while self.port is not None and not accepts(self.port):
             if self.listen_failed:
                 raise DevError(f"{self.name} could not listen on port {self.port}")
@@ -238,13 +251,30 @@ def plan_demo(python: Path, driver: str, ports: list[int]) -> list[Service]:
     """The processes of a demo with ``driver``: one daphne per port, and the worker.
 
     A driver that spans processes gets ``manage.py runworker chat-jobs`` as a process of
-    its own; with ``local`` the (only) server process runs the worker on a thread. A
-    driver that needs a process of its own (a relay) goes first in the list: services
-    start in order and stop in order.
+    its own; with ``local`` the (only) server process runs the worker on a thread. The
+    ``multiprocessing`` driver's relay goes first in the list: services start in order
+    (each waiting for the previous ones to be ready) and stop in order.
     """
     embedded = driver == "local"
-    env = project_env(CROSSWS_DRIVER=driver, TESTPROJECT_EMBEDDED_WORKER="1" if embedded else "0")
-    services = [
+    # A cluster of its own: another demo (or a test run) on this host never bridges in.
+    channel = f"demo-{os.getpid()}"
+    env = project_env(
+        CROSSWS_DRIVER=driver,
+        CROSSWS_CHANNEL=channel,
+        TESTPROJECT_EMBEDDED_WORKER="1" if embedded else "0",
+    )
+    services = []
+    if driver == "multiprocessing":
+        services.append(
+            Service(
+                name="relay",
+                command=[str(python), "-m", "crossws_channels.relay", "--channel", channel],
+                env=env,
+                note="relays between the processes",
+                ready_text="listening on",
+            )
+        )
+    services += [
         Service(
             name=f"daphne-{n}" if len(ports) > 1 else "daphne",
             command=[
@@ -300,9 +330,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if signum != signal.SIGINT:
             signal.signal(signum, _raise_stop)
     try:
+        deadline = time.monotonic() + START_TIMEOUT
         for service in services:
             service.start()
-        deadline = time.monotonic() + START_TIMEOUT
+            if service.ready_text is not None:
+                # The servers need it from their first moment (the relay).
+                service.wait_ready(deadline)
         for service in services:
             service.wait_ready(deadline)
         servers = "server process" if len(ports) == 1 else "server processes"
@@ -351,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--port", type=int, default=8000, help="first port (default 8000, or the next free one)"
     )
-    demo.add_argument("--processes", type=int, default=1, help="server processes (default 1)")
+    demo.add_argument("--processes", type=int, default=2, help="server processes (default 2)")
     demo.add_argument(
         "--driver",
         help="backplane driver (default local for one process, multiprocessing for several); "

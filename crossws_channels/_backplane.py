@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import os
 import random
 import threading
 import weakref
@@ -112,6 +113,15 @@ class _LoopThread:
 
 
 _live: weakref.WeakSet[Backplane] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # A forked child has none of its parent's threads or loops: nothing to flush at exit.
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @atexit.register

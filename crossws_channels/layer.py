@@ -15,9 +15,11 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import secrets
 import string
 import time
+import weakref
 from time import monotonic
 from typing import Any, ClassVar
 
@@ -97,6 +99,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
     extensions: ClassVar[list[str]] = ["groups", "flush"]
 
     def __init__(self, **config: Any) -> None:
+        self._raw_config = dict(config)
+        _layers.add(self)
         alias = find_alias(config)
         self.config: LayerConfig = parse_config(config, alias)
         super().__init__(capacity=self.config.capacity)
@@ -136,6 +140,16 @@ class BackplaneChannelLayer(BaseChannelLayer):
             )
             self._backplane.periodic.append(self._heartbeat.run)
         self._next_group_sweep = monotonic() + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
+
+    def _renew_after_fork(self) -> None:
+        """Become a new instance in a forked child (gunicorn --preload forks the layer).
+
+        A child shares nothing with its parent's instance: not its id (two processes
+        with one id would receive each other's direct sends), not its channels or
+        groups, not its connections, threads or locks. It starts afresh from the same
+        CONFIG, keeping only the object that Channels has cached.
+        """
+        self.__init__(**self._raw_config)  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return (
@@ -583,3 +597,15 @@ class BackplaneChannelLayer(BaseChannelLayer):
             total = sum(expired.values())
             self._stats.incr("dropped.expired", total)
             self._reporter.report(MessageExpired(total, sorted(expired)), "delivery")
+
+
+_layers: weakref.WeakSet[BackplaneChannelLayer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for layer in list(_layers):
+        layer._renew_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from django.utils.module_loading import import_string
 
+from ._mp_primary import setup_primary
 from .base import (
     Deliver,
     Driver,
@@ -33,6 +34,7 @@ __all__ = [
     "SupportsFlush",
     "SupportsWorkerQueue",
     "resolve_factory",
+    "setup_primary",
 ]
 
 BUILTIN: dict[str, str] = {

@@ -13,6 +13,7 @@ the layer's echo suppression drops it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -43,6 +44,18 @@ class _Cluster:
 
 _lock = threading.Lock()
 _clusters: dict[str, _Cluster] = {}
+
+
+def _forget_after_fork() -> None:
+    # A forked child holds none of its parent's instances, and the lock may have been
+    # held by a thread that does not exist in the child.
+    global _lock
+    _lock = threading.Lock()
+    _clusters.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _deliver_all(deliver: Deliver, texts: list[str]) -> None:

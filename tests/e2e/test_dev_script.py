@@ -94,6 +94,15 @@ def test_demo_plan_for_local_and_for_a_cluster() -> None:
     assert all(s.env["TESTPROJECT_EMBEDDED_WORKER"] == "0" for s in services)
     assert services[2].command[-2:] == ["runworker", "chat-jobs"]
 
+    relay, *rest = dev.plan_demo(python, "multiprocessing", [8000, 8001])
+    assert relay.command[-3:] == [
+        "crossws_channels.relay",
+        "--channel",
+        relay.env["CROSSWS_CHANNEL"],
+    ]
+    assert relay.ready_text is not None
+    assert [s.name for s in rest] == ["daphne-1", "daphne-2", "runworker"]
+
 
 def test_ports_skip_taken_ones() -> None:
     """The demo takes the asked port when free, else the next free ones."""
@@ -123,8 +132,9 @@ def test_test_command_passes_every_argument_to_pytest(monkeypatch: pytest.Monkey
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="the fake venv python is a shell script")
-async def test_demo_serves_the_chat_and_stops_on_ctrl_c(venv: Path, processes: Processes) -> None:
-    """`dev.py demo` serves the chat (worker included) on the printed URL; Ctrl-C stops it all."""
+async def test_demo_is_a_cluster_and_stops_on_ctrl_c(venv: Path, processes: Processes) -> None:
+    """`dev.py demo` runs a relay, two daphne processes and a runworker: tabs served by
+    different processes chat with each other, jobs are done, and Ctrl-C stops it all."""
     (venv / ".crossws-demo.stamp").write_text(pyproject_digest() + "\n")
     port = free_port()
     env = project_env(extra={"CROSSWS_VENV": str(venv)})
@@ -132,14 +142,57 @@ async def test_demo_serves_the_chat_and_stops_on_ctrl_c(venv: Path, processes: P
         "dev-demo", [sys.executable, str(ROOT / "dev.py"), "demo", "--port", str(port)], env
     )
     demo.wait_for_output("Ctrl-C stops the demo")
+    output = demo.output()
+    assert "driver 'multiprocessing', 2 server processes" in output
+    servers = re.findall(r"(http://127\.0\.0\.1:\d+/)\s+daphne-\d, pid (\d+)", output)
+    assert len(servers) == 2, output
+    pids = [int(pid) for _, pid in servers]
+    relay_pid = int(re.search(r"relay, pid (\d+)", output)[1])  # type: ignore[index]
+
+    clients = []
+    for url, pid in servers:
+        page = await http_get(url + "chat/lobby/")
+        assert str(pid) in page.body
+        client = await WSClient.connect(url.replace("http", "ws") + "ws/chat/lobby/")
+        assert (await client.receive_type("welcome"))["served_by"]["pid"] == int(pid)
+        clients.append(client)
+    try:
+        await clients[0].send_json({"text": "across processes"})
+        got = await clients[1].receive_type("message", timeout=10)
+        assert (got["text"], got["sender"]["pid"]) == ("across processes", pids[0])
+        assert (await http_post(servers[1][0] + "chat/lobby/job/", {"text": "a b"})).status == 202
+        for client in clients:
+            message = await client.receive_until(
+                lambda m: m.get("type") == "message" and m.get("kind") == "job", timeout=10
+            )
+            assert message["text"] == "2 words, reversed: b a"
+    finally:
+        for client in clients:
+            await client.close()
+
+    demo.signal(signal.SIGINT)
+    assert demo.process.wait(15) == 0
+    for pid in [*pids, relay_pid]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # dev.py stopped (and reaped) every process
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="the fake venv python is a shell script")
+async def test_single_process_demo(venv: Path, processes: Processes) -> None:
+    """`dev.py demo --processes 1` serves the chat from one daphne on the local driver."""
+    (venv / ".crossws-demo.stamp").write_text(pyproject_digest() + "\n")
+    port = free_port()
+    env = project_env(extra={"CROSSWS_VENV": str(venv)})
+    demo = processes.start(
+        "dev-demo",
+        [sys.executable, str(ROOT / "dev.py"), "demo", "--port", str(port), "--processes", "1"],
+        env,
+    )
+    demo.wait_for_output("Ctrl-C stops the demo")
     match = re.search(r"(http://127\.0\.0\.1:(\d+)/)\s+daphne, pid (\d+)", demo.output())
     assert match, demo.output()
-    url, daphne_pid = match[1], int(match[3])
-    assert int(match[2]) >= port
-
-    page = await http_get(url + "chat/lobby/")
-    assert page.status == 200
-    assert str(daphne_pid) in page.body
+    url = match[1]
     client = await WSClient.connect(url.replace("http", "ws") + "ws/chat/lobby/")
     try:
         await client.receive_type("welcome")
@@ -148,8 +201,5 @@ async def test_demo_serves_the_chat_and_stops_on_ctrl_c(venv: Path, processes: P
         assert message["text"] == "2 words, reversed: b a"
     finally:
         await client.close()
-
     demo.signal(signal.SIGINT)
     assert demo.process.wait(15) == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(daphne_pid, 0)  # dev.py stopped (and reaped) its daphne

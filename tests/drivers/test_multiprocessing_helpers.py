@@ -1,0 +1,344 @@
+"""Helpers shared by the multiprocessing tests: relays and layers in real OS processes.
+
+Not a test module itself; it sits under a ``test_`` name so that it stays next to the
+tests that use it. Run as ``python -m tests.drivers.test_multiprocessing_helpers CONFIG``
+it is an *agent*: a process holding one ``BackplaneChannelLayer`` built from the JSON
+``CONFIG``, driven by JSON lines on stdin (``{"id": 1, "op": "send", "args": [...]}``)
+and answering each on stdout (``{"id": 1, "ok": true, "result": ...}``), concurrently, so
+a waiting ``receive`` does not hold up the next command. Bytes travel as
+``{"$bytes": "<base64>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from crossws_channels.drivers import _mp_paths as paths
+
+__all__ = [
+    "ROOT",
+    "Agent",
+    "AgentError",
+    "RelayProcess",
+    "child_env",
+    "from_json",
+    "short_socket_dir",
+    "to_json",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that imports this checkout."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CROSSWS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def short_socket_dir() -> Iterator[Path]:
+    """A fresh ``socket_dir`` with a short path (pytest's tmp_path is too long for a
+    Unix socket once the private directory and socket name are added)."""
+    directory = Path(tempfile.mkdtemp(prefix="cw-", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class RelayProcess:
+    """``python -m crossws_channels.relay`` in a child process, restartable."""
+
+    def __init__(self, channel: str, socket_dir: Path, log_dir: Path) -> None:
+        self.channel = channel
+        self.socket_dir = socket_dir
+        self.log_path = log_dir / f"relay-{channel}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def path(self) -> Path:
+        return paths.socket_path(self.channel, self.socket_dir)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def command(self, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "crossws_channels.relay",
+            "--channel", self.channel, "--socket-dir", str(self.socket_dir), *extra,
+        ]
+
+    def start(self, timeout: float = 15.0) -> float:
+        """Start the relay and wait until it listens; return when it did (monotonic)."""
+        read_fd, write_fd = os.pipe()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command("--ready-fd", str(write_fd)),
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                cwd=ROOT,
+            )
+        os.close(write_fd)
+        try:
+            ready, _, _ = select.select([read_fd], [], [], timeout)
+            status = os.read(read_fd, 4096).decode() if ready else ""
+        finally:
+            os.close(read_fd)
+        if not status.startswith("ready"):
+            self.kill()
+            raise RuntimeError(f"the relay did not start ({status!r}):\n{self.output()}")
+        self.starts += 1
+        return time.monotonic()
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Signal the relay and wait for it to exit; return its exit status."""
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signum)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: the relay dies without cleaning up, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> RelayProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+# Agents: layers in other processes.
+
+
+def to_json(value: Any) -> Any:
+    """``value`` with bytes replaced by ``{"$bytes": base64}``, for JSON."""
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(item) for item in value]
+    return value
+
+
+def from_json(value: Any) -> Any:
+    """The inverse of :func:`to_json`."""
+    if isinstance(value, dict):
+        if set(value) == {"$bytes"}:
+            return base64.b64decode(value["$bytes"])
+        return {key: from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json(item) for item in value]
+    return value
+
+
+class AgentError(Exception):
+    """A command failed in the agent; ``name`` is the exception's class there."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+
+
+class Agent:
+    """A layer in another process, driven from the test's event loop."""
+
+    def __init__(self, process: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.instance_id = ""
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, config: dict[str, Any], log_dir: Path, name: str) -> Agent:
+        """Start an agent and wait until its layer's subscription is in place."""
+        log_path = log_dir / f"agent-{name}.log"
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.drivers.test_multiprocessing_helpers",
+                json.dumps(config),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=child_env(DJANGO_SETTINGS_MODULE="testproject.settings"),
+                cwd=ROOT,
+            )
+        agent = cls(process, log_path)
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+        except asyncio.TimeoutError:
+            line = b""
+        if not line:
+            await agent.kill()
+            raise RuntimeError(f"agent {name} did not start:\n{agent.output()}")
+        agent.instance_id = json.loads(line)["instance_id"]
+        agent._reader = asyncio.ensure_future(agent._read())
+        return agent
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            answer = json.loads(line)
+            future = self._answers.pop(answer["id"], None)
+            if future is None or future.done():
+                continue
+            if answer["ok"]:
+                future.set_result(from_json(answer["result"]))
+            else:
+                future.set_exception(AgentError(answer["error"], answer["message"]))
+        for future in self._answers.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the agent exited"))
+
+    async def call(self, op: str, *args: Any, timeout: float = 15.0) -> Any:
+        """Run ``layer.<op>(*args)`` in the agent and return its result."""
+        assert self.process.stdin is not None
+        self._next += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._answers[self._next] = future
+        command = {"id": self._next, "op": op, "args": to_json(list(args))}
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+        return await asyncio.wait_for(future, timeout)
+
+    async def close(self) -> None:
+        """Close the agent's layer and wait for it to exit (kill it after a bound)."""
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.write(b"\n")
+            with contextlib.suppress(ConnectionError):
+                await self.process.stdin.drain()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:
+                pass
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash would; then reap the process."""
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 5)
+
+
+async def _agent_receive(layer: Any, channel: str, timeout: float) -> Any:
+    try:
+        return await asyncio.wait_for(layer.receive(channel), timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def _agent_drain(layer: Any, channel: str, idle: float) -> list[Any]:
+    received = []
+    while (message := await _agent_receive(layer, channel, idle)) is not None:
+        received.append(message)
+    return received
+
+
+async def _agent_main(config: dict[str, Any]) -> None:
+    import django
+
+    django.setup()
+    from crossws_channels.layer import BackplaneChannelLayer
+
+    layer = BackplaneChannelLayer(**config)
+    await layer.new_channel()  # returns once the subscription is in place
+    loop = asyncio.get_running_loop()
+    out = sys.stdout
+
+    def write(payload: dict[str, Any]) -> None:
+        out.write(json.dumps(to_json(payload)) + "\n")
+        out.flush()
+
+    write({"instance_id": layer.instance_id, "pid": os.getpid()})
+    operations: dict[str, Callable[..., Awaitable[Any]]] = {
+        "new_channel": layer.new_channel,
+        "send": layer.send,
+        "group_add": layer.group_add,
+        "group_discard": layer.group_discard,
+        "group_send": layer.group_send,
+        "flush": layer.flush,
+        "receive": lambda *a: _agent_receive(layer, *a),
+        "drain": lambda *a: _agent_drain(layer, *a),
+    }
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(command: dict[str, Any]) -> None:
+        op, args = command["op"], from_json(command["args"])
+        try:
+            result = layer.stats() if op == "stats" else await operations[op](*args)
+        except Exception as exc:
+            write({"id": command["id"], "ok": False, "error": type(exc).__name__,
+                   "message": str(exc)})
+        else:
+            write({"id": command["id"], "ok": True, "result": result})
+
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if not line.strip():
+            break
+        task = loop.create_task(handle(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await layer.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
+    asyncio.run(_agent_main(json.loads(sys.argv[1])))

@@ -1,0 +1,257 @@
+"""BackplaneChannelLayer on the multiprocessing driver, across real OS processes.
+
+Each test runs a standalone relay, one layer in the test process and agent processes
+(see :mod:`tests.drivers.test_multiprocessing_helpers`) each holding a layer of the same
+cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channels.exceptions import ChannelFull
+
+from crossws_channels.errors import RelayUnavailable
+from tests.conftest import ErrorLog
+from tests.drivers.test_multiprocessing_helpers import Agent, RelayProcess, short_socket_dir
+
+pytestmark = pytest.mark.slow
+
+MakeAgent = Callable[..., Awaitable[Agent]]
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A fresh, short socket_dir."""
+    with short_socket_dir() as directory:
+        yield directory
+
+
+@pytest.fixture
+def channel() -> str:
+    """A cluster name unique to the test."""
+    return f"mpl-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def relay(channel: str, socket_dir: Path, tmp_path: Path) -> Iterator[RelayProcess]:
+    """A running standalone relay for ``channel``."""
+    with RelayProcess(channel, socket_dir, tmp_path) as process:
+        yield process
+
+
+@pytest.fixture
+def config(channel: str, socket_dir: Path) -> dict[str, Any]:
+    """The CONFIG of every layer of the test's cluster."""
+    return {"driver": "multiprocessing", "channel": channel, "socket_dir": str(socket_dir)}
+
+
+@pytest.fixture
+async def make_agent(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[MakeAgent]:
+    """Starts agent processes (CONFIG overrides as keywords); stops them after the test."""
+    agents: list[Agent] = []
+
+    async def make(**overrides: Any) -> Agent:
+        agent = await Agent.start({**config, **overrides}, tmp_path, f"{len(agents)}")
+        agents.append(agent)
+        return agent
+
+    yield make
+    await asyncio.gather(*(agent.close() for agent in agents))
+
+
+async def receive(layer: Any, channel: str, timeout: float = 5.0) -> dict[str, Any]:
+    message: dict[str, Any] = await asyncio.wait_for(layer.receive(channel), timeout)
+    return message
+
+
+async def nothing_on(layer: Any, channel: str, timeout: float = 0.3) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), timeout)
+
+
+async def test_groups_span_processes(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """A group_send in any process reaches the group's members in every process, once."""
+    layer = make_layer(**config)
+    one, two = await make_agent(), await make_agent()
+    here = await layer.new_channel()
+    there_one = await one.call("new_channel")
+    there_two = await two.call("new_channel")
+    await layer.group_add("room", here)
+    await one.call("group_add", "room", there_one)
+    await two.call("group_add", "room", there_two)
+
+    message = {"type": "chat.message", "text": "héllo", "blob": b"\x00\xff", "n": [1, 2.5]}
+    await layer.group_send("room", message)
+    assert await receive(layer, here) == message
+    assert await one.call("receive", there_one, 5) == message
+    assert await two.call("receive", there_two, 5) == message
+
+    await one.call("group_send", "room", {"type": "chat.message", "text": "from one"})
+    assert (await receive(layer, here))["text"] == "from one"
+    assert (await two.call("receive", there_two, 5))["text"] == "from one"
+    assert (await one.call("receive", there_one, 5))["text"] == "from one"
+
+    await nothing_on(layer, here)
+    assert await one.call("receive", there_one, 0.3) is None
+    assert await two.call("receive", there_two, 0.3) is None
+
+
+async def test_direct_send_is_routed_to_the_owner_only(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """A send to another process's channel reaches that process only, never the others."""
+    layer = make_layer(**config)
+    owner, bystander = await make_agent(), await make_agent()
+    target = await owner.call("new_channel")
+    before = (await bystander.call("stats")).get("relayed_in", 0)
+    for n in range(5):
+        await layer.send(target, {"type": "direct", "n": n})
+    assert [(await owner.call("receive", target, 5))["n"] for _ in range(5)] == list(range(5))
+    await owner.call("send", await layer.new_channel(), {"type": "sync"})
+    await asyncio.sleep(0.2)
+    assert (await bystander.call("stats")).get("relayed_in", 0) == before
+
+
+async def test_group_add_of_another_process_channel(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """group_add and group_discard of a channel another process owns take effect there."""
+    layer = make_layer(**config)
+    agent = await make_agent()
+    remote = await agent.call("new_channel")
+    await layer.group_add("remote-group", remote)
+    await asyncio.sleep(0.1)
+    await layer.group_send("remote-group", {"type": "g", "text": "in"})
+    assert (await agent.call("receive", remote, 5))["text"] == "in"
+    await layer.group_discard("remote-group", remote)
+    await asyncio.sleep(0.1)
+    await layer.group_send("remote-group", {"type": "g", "text": "out"})
+    assert await agent.call("receive", remote, 0.5) is None
+
+
+async def test_worker_channel_messages_are_received_exactly_once(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """Two processes receiving one worker channel get every message exactly once."""
+    layer = make_layer(**config)
+    one, two = await make_agent(), await make_agent()
+    drains = [
+        asyncio.ensure_future(agent.call("drain", "thumbnails", 2.0, timeout=60))
+        for agent in (one, two)
+    ]
+    await asyncio.sleep(0.3)
+    for n in range(60):
+        await layer.send("thumbnails", {"type": "job", "n": n})
+    got = [message["n"] for batch in await asyncio.gather(*drains) for message in batch]
+    assert sorted(got) == list(range(60))
+
+
+async def test_worker_channel_waits_for_a_receiver_until_expiry(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """A worker-channel message waits in the relay for a receiver, up to ``expiry``."""
+    layer = make_layer(**config, expiry=1)
+    await layer.send("jobs", {"type": "job", "n": "kept"})
+    await layer.send("short-lived", {"type": "job", "n": "lost"})
+    await asyncio.sleep(0.3)
+    agent = await make_agent(expiry=1)
+    assert (await agent.call("receive", "jobs", 5))["n"] == "kept"
+    await asyncio.sleep(1.2)
+    assert await agent.call("receive", "short-lived", 0.5) is None
+
+
+async def test_worker_channel_capacity_is_cluster_wide(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """A worker channel holds ``capacity`` messages for the whole cluster; then ChannelFull."""
+    layer = make_layer(**config, capacity=2)
+    agent = await make_agent(capacity=2)
+    await layer.send("jobs", {"type": "job", "n": 0})
+    await agent.call("send", "jobs", {"type": "job", "n": 1})
+    with pytest.raises(ChannelFull):
+        await layer.send("jobs", {"type": "job", "n": 2})
+    assert (await agent.call("receive", "jobs", 5))["n"] == 0
+    await layer.send("jobs", {"type": "job", "n": 2})
+    assert [(await receive(layer, "jobs"))["n"] for _ in range(2)] == [1, 2]
+
+
+async def test_missing_relay_is_reported_and_local_delivery_works(
+    make_layer: Any, config: dict[str, Any], errors: ErrorLog, channel: str
+) -> None:
+    """With no relay, on_error gets a RelayUnavailable at subscribe; local groups still work."""
+    layer = make_layer(**config, on_error=errors)
+    here = await layer.new_channel()
+    await layer.group_add("room", here)
+    await layer.group_send("room", {"type": "chat", "text": "local"})
+    assert (await receive(layer, here))["text"] == "local"
+    reported = errors.of(RelayUnavailable, "subscribe")
+    assert reported
+    assert "setup_primary()" in str(reported[0])
+    assert f"python -m crossws_channels.relay --channel {channel}" in str(reported[0])
+
+
+async def test_relay_restart_is_reported_once_and_groups_resume(
+    relay: RelayProcess,
+    make_layer: Any,
+    make_agent: MakeAgent,
+    config: dict[str, Any],
+    errors: ErrorLog,
+) -> None:
+    """A relay restart is one on_error report; groups work across processes again within 2 s."""
+    layer = make_layer(**config, on_error=errors)
+    agent = await make_agent()
+    here = await layer.new_channel()
+    remote = await agent.call("new_channel")
+    await layer.group_add("room", here)
+    await agent.call("group_add", "room", remote)
+    await asyncio.to_thread(relay.stop)
+    await asyncio.sleep(1.0)
+    ready_at = await asyncio.to_thread(relay.start)
+    while layer.stats().get("reconnects", 0) < 1:
+        assert time.monotonic() - ready_at < 2.0, "the layer did not rejoin within 2 s"
+        await asyncio.sleep(0.02)
+    rejoined = time.monotonic() - ready_at
+    print(f"layer rejoined {rejoined:.3f} s after the relay listened again")
+    deadline = time.monotonic() + 2.0
+    while (await agent.call("stats")).get("reconnects", 0) < 1:
+        assert time.monotonic() < deadline, "the agent did not rejoin within 2 s"
+        await asyncio.sleep(0.05)
+    await agent.call("group_send", "room", {"type": "chat", "text": "back"})
+    assert (await receive(layer, here))["text"] == "back"
+    assert (await agent.call("receive", remote, 5))["text"] == "back"
+    assert len(errors.of(RelayUnavailable, "subscribe")) == 1
+
+
+async def test_killed_process_does_not_disturb_the_cluster(
+    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
+) -> None:
+    """A SIGKILLed process's receives and memberships vanish; the others carry on."""
+    layer = make_layer(**config)
+    doomed, survivor = await make_agent(), await make_agent()
+    doomed_channel = await doomed.call("new_channel")
+    survivor_channel = await survivor.call("new_channel")
+    await doomed.call("group_add", "room", doomed_channel)
+    await survivor.call("group_add", "room", survivor_channel)
+    # The doomed process waits on the worker channel first, then the survivor.
+    doomed_wait = asyncio.ensure_future(doomed.call("receive", "jobs", 30, timeout=60))
+    await asyncio.sleep(0.3)
+    survivor_wait = asyncio.ensure_future(survivor.call("receive", "jobs", 10, timeout=20))
+    await asyncio.sleep(0.3)
+    await doomed.kill()
+    with pytest.raises(RuntimeError):
+        await doomed_wait
+    await asyncio.sleep(0.2)
+    await layer.send("jobs", {"type": "job", "n": 1})
+    assert (await survivor_wait)["n"] == 1
+    await layer.group_send("room", {"type": "chat", "text": "still here"})
+    assert (await survivor.call("receive", survivor_channel, 5))["text"] == "still here"
+    await layer.send(doomed_channel, {"type": "into the void"})  # dropped, never raises
