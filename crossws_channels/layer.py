@@ -20,6 +20,7 @@ import secrets
 import string
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from ._monitor import HEARTBEAT, PING, PONG, Heartbeat, Pinger, Pong, SequenceGa
 from ._registry import Payload, Registry
 from ._reporting import Reporter, Stats
 from .config import LayerConfig, build_driver, find_alias, parse_config
-from .drivers.base import Driver, SupportsFlush, SupportsWorkerQueue
+from .drivers.base import Driver, SupportsDirect, SupportsFlush, SupportsWorkerQueue
 from .envelope import SyncMessage, decode_envelope, encode_frame
 from .errors import (
     DeafSubscription,
@@ -131,15 +132,24 @@ class BackplaneChannelLayer(BaseChannelLayer):
         self._gaps = SequenceGaps()
         self._pinger = Pinger()
         self._heartbeat: Heartbeat | None = None
-        if self.config.heartbeat > 0:
+        send_heartbeat = self._heartbeat_route(driver)
+        if self.config.heartbeat > 0 and send_heartbeat is not None:
             self._heartbeat = Heartbeat(
-                self.config.heartbeat,
-                lambda token: self._broadcast(HEARTBEAT, token),
-                self._relay_healthy,
-                self._deaf,
+                self.config.heartbeat, send_heartbeat, self._relay_healthy, self._deaf
             )
             self._backplane.periodic.append(self._heartbeat.run)
         self._next_group_sweep = monotonic() + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
+
+    def _heartbeat_route(self, driver: Driver) -> Callable[[str], Awaitable[None]] | None:
+        """How a heartbeat comes back to us: our own broadcast's echo, or a direct send."""
+        if getattr(driver, "echoes", True):
+            return lambda token: self._broadcast(HEARTBEAT, token)
+        if isinstance(driver, SupportsDirect):
+            return lambda token: self._backplane.publish(
+                self.instance_id, self._frame(HEARTBEAT, token)
+            )
+        logger.debug("the %s driver can't reach its own instance: no heartbeat", driver)
+        return None
 
     def _renew_after_fork(self) -> None:
         """Become a new instance in a forked child (gunicorn --preload forks the layer).

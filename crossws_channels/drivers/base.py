@@ -59,12 +59,17 @@ class Deliver(Protocol):
 
 
 class Driver(Protocol):
-    """A backplane connecting the instances of one cluster (one ``channel`` value)."""
+    """A backplane connecting the instances of one cluster (one ``channel`` value).
+
+    A driver whose ``publish`` does not come back to the publishing instance's own
+    subscription (most pub/sub servers do echo) sets a class attribute
+    ``echoes = False``: the layer's heartbeat then travels by ``publish_to`` instead.
+    """
 
     async def publish(self, envelope: str, /) -> None:
-        """Relay ``envelope`` to every instance of the cluster (echoing it to this one is
-        fine). Raise if it could not be sent; the layer reports it with stage
-        ``publish``."""
+        """Relay ``envelope`` to every instance of the cluster, this one included if the
+        backplane echoes (the layer drops its own echo). Raise if it could not be sent;
+        the layer reports it with stage ``publish``."""
 
     async def subscribe(self, deliver: Deliver, /) -> None:
         """Start listening and return once the subscription is in place.

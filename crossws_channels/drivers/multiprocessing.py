@@ -215,6 +215,9 @@ class MultiprocessingDriver:
     OPTIONS: frozenset[str] = frozenset({"socket_dir"})
     """The options it takes besides ``channel``."""
 
+    echoes = False
+    """The relay forwards a broadcast to every process but its sender."""
+
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         if not instance_id:
             raise ConfigurationError("the instance id must not be empty")
