@@ -18,21 +18,26 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from crossws_channels import serialize
 from tests.conftest import ErrorLog
+from tests.drivers.test_pgsql_support import drop_tables
 from tests.node.crossws import CrosswsServer
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["redis"])
-def backplane(request: pytest.FixtureRequest) -> dict[str, Any]:
+@pytest.fixture(params=["redis", "pgsql"])
+def backplane(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """Driver settings for both sides: the same channel on the same server."""
     channel = f"interop-{uuid.uuid4().hex[:10]}"
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
-        return {"driver": "redis", "channel": channel, "url": url, "node": {"REDIS_URL": url}}
+        yield {"driver": "redis", "channel": channel, "url": url, "node": {"REDIS_URL": url}}
+        return
     dsn = request.getfixturevalue("pg_dsn")
-    return {"driver": "pgsql", "channel": channel, "dsn": dsn, "node": {"PG_DSN": dsn}}
+    try:
+        yield {"driver": "pgsql", "channel": channel, "dsn": dsn, "node": {"PG_DSN": dsn}}
+    finally:
+        drop_tables(dsn, channel)
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ import pytest
 
 from crossws_channels.errors import DeafSubscription
 from tests.conftest import ErrorLog
+from tests.drivers.test_pgsql_support import drop_tables
 from tests.drivers.test_multiprocessing_helpers import RelayProcess, short_socket_dir
 
 
-@pytest.fixture(params=["local", "redis", "multiprocessing"])
+@pytest.fixture(params=["local", "redis", "pgsql", "multiprocessing"])
 def driver_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """CONFIG for a fresh cluster on each driver (with a relay for multiprocessing)."""
     channel = f"hb-{uuid.uuid4().hex[:10]}"
@@ -24,6 +25,10 @@ def driver_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[di
         yield {"driver": "local", "channel": channel}
     elif request.param == "redis":
         yield {"driver": "redis", "channel": channel, "url": request.getfixturevalue("redis_url")}
+    elif request.param == "pgsql":
+        dsn = request.getfixturevalue("pg_dsn")
+        yield {"driver": "pgsql", "channel": channel, "dsn": dsn}
+        drop_tables(dsn, channel)
     else:
         with short_socket_dir() as directory, RelayProcess(channel, directory, tmp_path):
             yield {"driver": "multiprocessing", "channel": channel, "socket_dir": str(directory)}

@@ -8,23 +8,30 @@ separate ``runworker`` process, exactly once, and its result reaches everyone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tests.drivers.test_pgsql_support import drop_tables
 from tests.e2e.harness import DaphneServer, Processes, WSClient, http_post, project_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["redis"])
-def cluster_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The environment of one cluster on the driver under test."""
+@pytest.fixture(params=["redis", "pgsql"])
+def cluster_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The environment of one cluster on the driver under test (pgsql: tables dropped after)."""
     driver: str = request.param
     if driver == "redis":
-        return project_env("redis", redis_url=request.getfixturevalue("redis_url"))
-    return project_env("pgsql", pg_dsn=request.getfixturevalue("pg_dsn"))
+        yield project_env("redis", redis_url=request.getfixturevalue("redis_url"))
+        return
+    dsn = request.getfixturevalue("pg_dsn")
+    env = project_env("pgsql", pg_dsn=dsn)
+    try:
+        yield env
+    finally:
+        drop_tables(dsn, env["CROSSWS_CHANNEL"])
 
 
 @pytest.fixture

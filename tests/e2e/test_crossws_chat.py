@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.drivers.test_pgsql_support import drop_tables
 from tests.e2e.harness import Processes, WSClient, project_env
 from tests.node.crossws import CrosswsServer
 from tests.servers import free_port
@@ -16,7 +17,7 @@ from tests.servers import free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["redis"])
+@pytest.fixture(params=["redis", "pgsql"])
 def shared(request: pytest.FixtureRequest) -> Iterator[tuple[dict[str, str], CrosswsServer]]:
     """testproject's environment and a crossws chat server sharing its backplane."""
     if request.param == "redis":
@@ -28,8 +29,12 @@ def shared(request: pytest.FixtureRequest) -> Iterator[tuple[dict[str, str], Cro
         env = project_env("pgsql", pg_dsn=dsn)
         node = {"DRIVER": "pgsql", "PG_DSN": dsn}
     server = CrosswsServer({**node, "CHANNEL": env["CROSSWS_CHANNEL"]}, free_port())
-    yield env, server
-    server.close()
+    try:
+        yield env, server
+    finally:
+        server.close()
+        if request.param == "pgsql":
+            drop_tables(node["PG_DSN"], env["CROSSWS_CHANNEL"])
 
 
 async def test_a_room_spans_django_and_crossws(

@@ -1,0 +1,268 @@
+"""The pgsql driver's worker queues: exactly once, waiting, capacity, expiry, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from psycopg import sql
+
+from crossws_channels.drivers.pgsql import table_names
+from crossws_channels.errors import MessageExpired
+from tests.drivers.test_pgsql_support import (
+    CONNECTORS,
+    Cluster,
+    admin_query,
+    cluster_of,
+    drop_tables,
+    unique,
+)
+
+pytestmark = pytest.mark.pgsql
+
+
+@pytest.fixture(params=CONNECTORS)
+def connector(request: pytest.FixtureRequest) -> str:
+    """Each library the driver speaks through."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def cluster(pg_dsn: str, connector: str) -> AsyncIterator[Cluster]:
+    """A cluster on the shared server, for each connector."""
+    async with cluster_of(pg_dsn, connector) as made:
+        yield made
+
+
+@pytest.fixture
+async def psycopg_cluster(pg_dsn: str) -> AsyncIterator[Cluster]:
+    """A cluster on the shared server, psycopg only."""
+    async with cluster_of(pg_dsn) as made:
+        yield made
+
+
+def later(seconds: float = 60.0) -> float:
+    return time.time() + seconds
+
+
+async def count_rows(dsn: str, channel: str) -> int:
+    queue, _ = table_names(channel)
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(queue)).as_string(None)
+    return int((await admin_query(dsn, query))[0][0])
+
+
+async def test_items_come_out_in_order(cluster: Cluster) -> None:
+    """Pushed items are popped oldest first, by any instance."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    for i in range(5):
+        assert await a.queue_push("jobs", f"job{i}", 10, later())
+    got = [await (a if i % 2 else b).queue_pop("jobs", 1) for i in range(5)]
+    assert got == [f"job{i}" for i in range(5)]
+    assert await a.queue_pop("jobs", 0) is None
+
+
+async def test_each_item_is_received_exactly_once(cluster: Cluster) -> None:
+    """Two instances with four concurrent receivers each take 300 items, each exactly once."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    total = 300
+    received: list[str] = []
+    done = asyncio.Event()
+
+    async def receive(driver: object) -> None:
+        while not done.is_set():
+            item = await driver.queue_pop("jobs", 0.3)  # type: ignore[attr-defined]
+            if item is not None:
+                received.append(item)
+                if len(received) == total:
+                    done.set()
+
+    receivers = [asyncio.create_task(receive(d)) for d in (a, b) for _ in range(4)]
+    for i in range(total):
+        assert await (a if i % 2 else b).queue_push("jobs", f"item{i}", 1000, later())
+    await asyncio.wait_for(done.wait(), 30)
+    await asyncio.gather(*receivers)
+    assert Counter(received) == Counter(f"item{i}" for i in range(total))
+
+
+async def test_a_waiting_receiver_is_woken_by_the_push(cluster: Cluster) -> None:
+    """queue_pop waits, and a push on another instance wakes it well before the fallback poll."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    waiting = asyncio.create_task(b.queue_pop("jobs", 5))
+    await asyncio.sleep(0.3)  # b has looked once and is now waiting
+    started = time.monotonic()
+    assert await a.queue_push("jobs", "wake", 10, later())
+    assert await waiting == "wake"
+    assert time.monotonic() - started < 0.5
+
+
+async def test_pop_waits_for_its_timeout(psycopg_cluster: Cluster) -> None:
+    """An empty queue makes queue_pop wait out its timeout, then return None."""
+    a, _ = await psycopg_cluster.member("a")
+    started = time.monotonic()
+    assert await a.queue_pop("empty", 0.6) is None
+    assert 0.55 <= time.monotonic() - started < 1.5
+
+
+async def test_pop_works_without_subscribe(psycopg_cluster: Cluster) -> None:
+    """A driver that never subscribed still receives, by polling."""
+    a, _ = await psycopg_cluster.member("a")
+    lonely = psycopg_cluster.driver("b")
+    waiting = asyncio.create_task(lonely.queue_pop("jobs", 3))
+    await asyncio.sleep(0.1)
+    assert await a.queue_push("jobs", "polled", 10, later())
+    assert await waiting == "polled"
+
+
+async def test_capacity_is_respected_under_concurrency(cluster: Cluster) -> None:
+    """Forty concurrent pushes from two instances into capacity 10: exactly ten succeed."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    results = await asyncio.gather(
+        *(d.queue_push("full", f"x{i}", 10, later()) for i in range(20) for d in (a, b))
+    )
+    assert results.count(True) == 10
+    assert await count_rows(cluster.dsn, cluster.channel) == 10
+    assert await a.queue_pop("full", 0) is not None
+    assert await b.queue_push("full", "room again", 10, later())
+    assert not await b.queue_push("full", "full again", 10, later())
+
+
+async def test_expired_items_are_skipped_purged_and_reported(psycopg_cluster: Cluster) -> None:
+    """An item past its deadline is never received; it is deleted and reported as expired."""
+    a, got = await psycopg_cluster.member("a")
+    assert await a.queue_push("jobs", "stale", 1, time.time() + 0.2)
+    assert not await a.queue_push("jobs", "no room", 1, later())
+    await asyncio.sleep(0.3)
+    assert await a.queue_pop("jobs", 0) is None
+    assert await count_rows(psycopg_cluster.dsn, psycopg_cluster.channel) == 0
+    errors = [e for e, stage in got.reports if stage == "delivery"]
+    assert len(errors) == 1 and isinstance(errors[0], MessageExpired)
+    assert errors[0].count == 1 and errors[0].channels == ["jobs"]
+    assert await a.queue_push("jobs", "fresh", 1, later())  # the expired one freed the room
+
+
+async def test_returned_items_go_back_to_the_head(cluster: Cluster) -> None:
+    """queue_return puts an item before everything waiting, for any instance to take."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    for name in ("first", "second", "third"):
+        assert await a.queue_push("jobs", name, 10, later())
+    assert await a.queue_pop("jobs", 1) == "first"
+    await a.queue_return("jobs", "first")
+    assert await b.queue_pop("jobs", 1) == "first"
+    assert await b.queue_pop("jobs", 1) == "second"
+
+
+async def test_a_returned_item_keeps_its_deadline(psycopg_cluster: Cluster) -> None:
+    """An item put back expires when it would have, not later."""
+    a, _ = await psycopg_cluster.member("a")
+    assert await a.queue_push("jobs", "brief", 10, time.time() + 0.3)
+    assert await a.queue_pop("jobs", 1) == "brief"
+    await a.queue_return("jobs", "brief")
+    await asyncio.sleep(0.4)
+    assert await a.queue_pop("jobs", 0) is None
+
+
+async def test_cancelled_receivers_lose_nothing(cluster: Cluster) -> None:
+    """Receivers cancelled at random moments never lose or duplicate an item."""
+    a, _ = await cluster.member("a")
+    b, _ = await cluster.member("b")
+    total = 120
+    for i in range(total):
+        assert await a.queue_push("jobs", f"item{i}", 1000, later())
+    received: list[str] = []
+    rng = random.Random(4)
+    for _ in range(150):
+        task = asyncio.create_task((a if rng.random() < 0.5 else b).queue_pop("jobs", 1))
+        await asyncio.sleep(rng.uniform(0, 0.004))
+        task.cancel()
+        try:
+            item = await task
+        except asyncio.CancelledError:
+            continue
+        if item is not None:
+            received.append(item)
+    await asyncio.sleep(0.3)  # items taken by cancelled receivers are being put back
+    while (item := await b.queue_pop("jobs", 0.5)) is not None:
+        received.append(item)
+    assert Counter(received) == Counter(f"item{i}" for i in range(total))
+
+
+async def test_flush_deletes_only_this_clusters_rows(pg_dsn: str) -> None:
+    """flush() empties this cluster's queues and large messages, never another cluster's."""
+    async with cluster_of(pg_dsn) as mine, cluster_of(pg_dsn) as theirs:
+        a, _ = await mine.member("a")
+        other, _ = await theirs.member("z")
+        assert await a.queue_push("jobs", "mine", 10, later())
+        assert await other.queue_push("jobs", "theirs", 10, later())
+        await a.flush()
+        assert await a.queue_pop("jobs", 0) is None
+        assert await other.queue_pop("jobs", 0) == "theirs"
+
+
+async def test_flush_before_any_table_exists(psycopg_cluster: Cluster) -> None:
+    """flush() on a cluster that never used a table does nothing and raises nothing."""
+    a, _ = await psycopg_cluster.member("a")
+    await a.flush()
+
+
+async def test_tables_are_created_concurrently_and_recreated(pg_dsn: str) -> None:
+    """Six instances creating the tables at once don't collide; dropped tables come back."""
+    async with cluster_of(pg_dsn) as cl:
+        drivers = [(await cl.member(f"i{i}"))[0] for i in range(6)]
+        results = await asyncio.gather(
+            *(d.queue_push("jobs", f"x{i}", 100, later()) for i, d in enumerate(drivers))
+        )
+        assert results == [True] * 6
+        await asyncio.to_thread(drop_tables, pg_dsn, cl.channel)
+        assert await drivers[0].queue_push("jobs", "again", 100, later())
+        assert await drivers[1].queue_pop("jobs", 1) == "again"
+
+
+async def test_items_keep_any_text(cluster: Cluster) -> None:
+    """Worker items of any text, large and non-ASCII included, come back unchanged."""
+    a, _ = await cluster.member("a")
+    items = ["", "é✓频道", '{"json": [1, 2]}', "x" * 200_000, "quote ' \" \\ ;"]
+    for item in items:
+        assert await a.queue_push("jobs", item, 100, later())
+    assert [await a.queue_pop("jobs", 1) for _ in items] == items
+
+
+async def test_worker_channel_names_are_data(cluster: Cluster) -> None:
+    """Worker channel names with quotes and SQL in them are plain values, kept apart."""
+    a, _ = await cluster.member("a")
+    names = ["jobs'", 'jobs"; DELETE FROM x; --', "jobs"]
+    for name in names:
+        assert await a.queue_push(name, name, 10, later())
+    for name in reversed(names):
+        assert await a.queue_pop(name, 1) == name
+
+
+async def test_close_releases_a_waiting_receiver(psycopg_cluster: Cluster) -> None:
+    """close() makes a waiting queue_pop return None promptly."""
+    a, _ = await psycopg_cluster.member("a")
+    waiting = asyncio.create_task(a.queue_pop("jobs", 30))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await a.close()
+    assert await asyncio.wait_for(waiting, 2) is None
+    assert time.monotonic() - started < 2
+
+
+async def test_separate_clusters_have_separate_queues(pg_dsn: str) -> None:
+    """The same worker channel name in two clusters never shares items."""
+    async with cluster_of(pg_dsn) as one, cluster_of(pg_dsn) as two:
+        a, _ = await one.member("a")
+        b, _ = await two.member("b")
+        assert table_names(one.channel) != table_names(two.channel)
+        assert await a.queue_push("jobs", "one", 10, later())
+        assert await b.queue_pop("jobs", 0.2) is None
+        assert await a.queue_pop("jobs", 0) == "one"
+        assert unique() != unique()

@@ -1,0 +1,300 @@
+"""The pgsql driver when connections die: killed backends, a restarted server, a silent network.
+
+The restart tests run a private PostgreSQL (``postgres_server``); the shared server only
+ever sees ``pg_terminate_backend`` on a backend this test's driver opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import psycopg
+import pytest
+
+from crossws_channels.drivers.pgsql import PgsqlDriver
+from tests.drivers.collector import Collector
+from tests.drivers.test_pgsql_support import (
+    CONNECTORS,
+    Cluster,
+    admin_query,
+    backends,
+    cluster_of,
+    listening_backend,
+    unique,
+)
+from tests.servers import PostgresServer, free_port
+
+pytestmark = pytest.mark.pgsql
+
+
+@pytest.fixture(params=CONNECTORS)
+def connector(request: pytest.FixtureRequest) -> str:
+    """Each library the driver speaks through."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def cluster(pg_dsn: str, connector: str) -> AsyncIterator[Cluster]:
+    """A cluster on the shared server, for each connector."""
+    async with cluster_of(pg_dsn, connector) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def pinging(sender: PgsqlDriver, every: float = 0.02) -> AsyncIterator[list[str]]:
+    """Publish numbered pings until the block ends; yield the list of those sent."""
+    sent: list[str] = []
+
+    async def run() -> None:
+        i = 0
+        while True:
+            text = f"ping{i}"
+            i += 1
+            with contextlib.suppress(Exception):
+                await sender.publish(text)
+                sent.append(text)
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(run())
+    try:
+        yield sent
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def pings(collector: Collector) -> list[str]:
+    return [raw for raw in collector.raw if isinstance(raw, str) and raw.startswith("ping")]
+
+
+async def first_ping_after(collector: Collector, seen: int, timeout: float) -> float:
+    """Wait for a ping beyond the first ``seen`` ones; return when it came (monotonic)."""
+    await collector.wait_for(lambda c: len(pings(c)) > seen, timeout=timeout)
+    return time.monotonic()
+
+
+async def test_terminated_listener_reconnects(
+    cluster: Cluster, pg_dsn: str, record_property: Any
+) -> None:
+    """pg_terminate_backend on the listening backend: one lost, one made, relaying resumes fast."""
+    a, got = await cluster.member("a", ping_interval=60)
+    b, _ = await cluster.member("b", application_name=unique("crossws-sender"))
+    pid = await listening_backend(pg_dsn, cluster.application_name)
+    async with pinging(b):
+        await got.wait_for(lambda c: pings(c))
+        killed = time.monotonic()
+        await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        await got.wait_for(lambda c: c.lost, timeout=5)
+        seen = len(pings(got))
+        resumed = await first_ping_after(got, seen, timeout=5)
+    elapsed = resumed - killed
+    record_property("reconnect_after_terminate_s", round(elapsed, 3))
+    print(
+        f"\n[pgsql/{cluster.connector}] relaying resumed {elapsed:.3f} s after pg_terminate_backend"
+    )
+    assert elapsed < 2
+    await asyncio.sleep(0.2)
+    assert len(got.lost) == 1 and got.made == 1
+    assert pid not in {p for p, _, _ in await backends(pg_dsn, cluster.application_name)}
+    await a.publish_to("b", "still routed")  # the other direction and the direct channel
+
+
+async def test_terminating_every_connection_of_a_driver(cluster: Cluster, pg_dsn: str) -> None:
+    """Killing all of a driver's backends (listener and writers) is survived both ways."""
+    a, got_a = await cluster.member("a", ping_interval=60)
+    b, got_b = await cluster.member("b", ping_interval=60, application_name=unique("crossws-other"))
+    await a.publish("warm up")
+    assert await a.queue_push("jobs", "x", 10, time.time() + 60)
+    await got_b.wait_for(lambda c: "warm up" in c.raw)
+    await admin_query(
+        pg_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        cluster.application_name,
+    )
+    await got_a.wait_for(lambda c: c.made == 1, timeout=5)
+    # The writers were killed while idle: the first statement reconnects, nothing is lost.
+    await a.publish("after")
+    await got_b.wait_for(lambda c: "after" in c.raw, timeout=5)
+    assert await a.queue_pop("jobs", 1) == "x"
+    await b.publish("back to a")
+    await got_a.wait_for(lambda c: "back to a" in c.raw, timeout=5)
+    assert len(got_a.lost) == 1
+
+
+async def test_lost_and_restored_are_logged_once(
+    cluster: Cluster, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One warning when the connection is lost and one info line when it is back."""
+    caplog.set_level(logging.INFO, logger="crossws_channels.drivers.pgsql")
+    _, got = await cluster.member("a", ping_interval=60)
+    pid = await listening_backend(pg_dsn, cluster.application_name)
+    await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
+    await got.wait_for(lambda c: c.made == 1, timeout=5)
+    records = [r for r in caplog.records if r.name == "crossws_channels.drivers.pgsql"]
+    assert [r.levelname for r in records] == ["WARNING", "INFO"]
+    assert "lost" in records[0].getMessage() and "again" in records[1].getMessage()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("connector_name", ["psycopg", "asyncpg"])
+async def test_server_restart_is_survived(
+    postgres_server: PostgresServer, connector_name: str, record_property: Any
+) -> None:
+    """A restarted server: one outage reported, and relaying resumes within 2 s of it answering."""
+    dsn = postgres_server.dsn
+    async with cluster_of(dsn, connector_name) as cl:
+        a, got = await cl.member("a", ping_interval=60)
+        b, _ = await cl.member("b", ping_interval=60)
+        assert await b.queue_push("jobs", "before", 10, time.time() + 60)
+        async with pinging(b):
+            await got.wait_for(lambda c: pings(c))
+            await asyncio.to_thread(postgres_server.stop)
+            await got.wait_for(lambda c: c.lost, timeout=5)
+            await asyncio.sleep(1.5)  # attempts fail meanwhile; none is reported
+            assert len(got.lost) == 1 and got.made == 0
+            await asyncio.to_thread(postgres_server.start)
+            answering = time.monotonic()
+            seen = len(pings(got))
+            resumed = await first_ping_after(got, seen, timeout=10)
+        elapsed = resumed - answering
+        record_property("reconnect_after_restart_s", round(elapsed, 3))
+        print(
+            f"\n[pgsql/{connector_name}] relaying resumed {elapsed:.3f} s "
+            "after the restarted server answered"
+        )
+        assert elapsed < 2
+        assert len(got.lost) == 1 and got.made == 1
+        # Worker queues work again (the unlogged table was emptied by the crash restart).
+        assert await b.queue_push("jobs", "after", 10, time.time() + 60)
+        assert await a.queue_pop("jobs", 2) == "after"
+        assert got.reports == []
+
+
+@pytest.mark.slow
+async def test_unreachable_at_start_then_available(postgres_server: PostgresServer) -> None:
+    """subscribe raises while the server is down and succeeds once it is up."""
+    await asyncio.to_thread(postgres_server.stop)
+    driver = PgsqlDriver("a", {"channel": unique(), "dsn": postgres_server.dsn})
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            await driver.subscribe(Collector())
+        await asyncio.to_thread(postgres_server.start)
+        got = Collector()
+        await driver.subscribe(got)
+        await driver.publish("self")
+        await got.wait_for(lambda c: c.raw == ["self"])
+    finally:
+        await driver.close()
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can go silent: data stops flowing, nothing closes.
+
+    That is what a dead NAT entry or a half-open connection looks like to the driver:
+    only its idle ping can notice.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._frozen: set[int] = set()
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    def freeze(self) -> None:
+        """Silence every connection open now; new ones flow normally."""
+        self._frozen.update(id(pair) for pair in self._pairs)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        pair = (writer, up_writer)
+        self._pairs.append(pair)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink, id(pair)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, key: int
+    ) -> None:
+        with contextlib.suppress(Exception):
+            while data := await source.read(65536):
+                if key not in self._frozen:
+                    sink.write(data)
+                    await sink.drain()
+        with contextlib.suppress(Exception):
+            sink.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for a, b in self._pairs:
+            a.close()
+            b.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@pytest.mark.parametrize("connector_name", ["psycopg", "asyncpg"])
+async def test_silent_connection_is_detected_by_the_idle_ping(
+    pg_dsn: str, connector_name: str
+) -> None:
+    """A listening connection that stops answering (no close, no error) is replaced."""
+    proxy = FreezingProxy(5432)
+    await proxy.start()
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/test"
+    try:
+        async with cluster_of(pg_dsn, connector_name) as cl:
+            _, got = await cl.member("a", dsn=dsn, ping_interval=0.3)
+            b, _ = await cl.member("b")
+            async with pinging(b, every=0.05):
+                await got.wait_for(lambda c: pings(c))
+                proxy.freeze()
+                frozen = time.monotonic()
+                await got.wait_for(lambda c: c.lost, timeout=5)
+                detected = time.monotonic() - frozen
+                seen = len(pings(got))
+                await first_ping_after(got, seen, timeout=5)
+            assert detected < 2
+            assert len(got.lost) == 1 and got.made == 1
+    finally:
+        await proxy.close()
+
+
+async def test_a_broken_user_client_is_replaced_not_closed(pg_dsn: str, connector: str) -> None:
+    """When the user's own listening connection is killed, the driver listens on its own."""
+    name = unique("crossws-client")
+    client: Any
+    if connector == "psycopg":
+        client = await psycopg.AsyncConnection.connect(
+            pg_dsn, autocommit=True, application_name=name
+        )
+    else:
+        client = await asyncpg.connect(pg_dsn, server_settings={"application_name": name})
+    try:
+        async with cluster_of(pg_dsn) as cl:
+            a, _ = await cl.member("a")
+            b = cl.driver("b", client=client, ping_interval=60)
+            got = Collector()
+            await b.subscribe(got)
+            pid = await listening_backend(pg_dsn, name)
+            await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
+            await got.wait_for(lambda c: c.made == 1, timeout=5)
+            await a.publish("via the driver's own connection")
+            await got.wait_for(lambda c: c.raw == ["via the driver's own connection"])
+            await b.close()
+    finally:
+        await client.close()

@@ -1,0 +1,151 @@
+"""Helpers shared by the pgsql driver tests (this module holds no tests of its own).
+
+Every test uses channel names and an ``application_name`` of its own, so tests never see
+each other's traffic or connections on the shared server, and drops the tables its
+clusters created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+
+from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
+from tests.drivers.collector import Collector
+
+__all__ = [
+    "Cluster",
+    "admin_query",
+    "backends",
+    "drop_tables",
+    "eventually",
+    "unique",
+]
+
+CONNECTORS = ["psycopg", "asyncpg"]
+
+
+def unique(prefix: str = "pg") -> str:
+    """A name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def admin_query(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on a connection of its own (never the driver's)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+def admin_query_sync(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """The same as :func:`admin_query`, outside any event loop."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+async def backends(dsn: str, application_name: str) -> list[tuple[int, str, str]]:
+    """``(pid, state, query)`` of every server backend with this application_name."""
+    rows = await admin_query(
+        dsn,
+        "SELECT pid, coalesce(state, ''), coalesce(query, '') FROM pg_stat_activity "
+        "WHERE application_name = %s AND pid <> pg_backend_pid()",
+        application_name,
+    )
+    return [(int(pid), str(state), str(query)) for pid, state, query in rows]
+
+
+async def listening_backend(dsn: str, application_name: str, timeout: float = 5.0) -> int:
+    """The pid of the backend that ran LISTEN for this application_name."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid, _state, query in await backends(dsn, application_name):
+            if query.upper().startswith("LISTEN"):
+                return pid
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no listening backend for {application_name!r}")
+        await asyncio.sleep(0.05)
+
+
+def drop_tables(dsn: str, channel: str) -> None:
+    """Drop the worker-queue and large-message tables of cluster ``channel``."""
+    queue, large = table_names(channel)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
+                psycopg.sql.Identifier(queue), psycopg.sql.Identifier(large)
+            )
+        )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+class Cluster:
+    """Makes pgsql drivers on one channel, subscribes them, and closes them after."""
+
+    def __init__(self, dsn: str, connector: str = "psycopg") -> None:
+        self.dsn = dsn
+        self.connector = connector
+        self.channel = unique("cluster")
+        self.application_name = unique("crossws-test")
+        self.drivers: list[PgsqlDriver] = []
+        self.channels: set[str] = {self.channel}
+
+    def driver(self, instance_id: str | None = None, **options: Any) -> PgsqlDriver:
+        """A driver of this cluster (or of ``channel=...``), not yet subscribed."""
+        options.setdefault("channel", self.channel)
+        if "client" not in options:
+            options.setdefault("dsn", self.dsn)
+            options.setdefault("connector", self.connector)
+        options.setdefault("application_name", self.application_name)
+        self.channels.add(options["channel"])
+        driver = PgsqlDriver(instance_id or unique("instance"), options)
+        self.drivers.append(driver)
+        return driver
+
+    async def member(
+        self, instance_id: str | None = None, **options: Any
+    ) -> tuple[PgsqlDriver, Collector]:
+        """A subscribed driver and the collector it delivers to."""
+        driver = self.driver(instance_id, **options)
+        collector = Collector()
+        await driver.subscribe(collector)
+        return driver, collector
+
+    async def close(self) -> None:
+        for driver in self.drivers:
+            await asyncio.wait_for(driver.close(), 10)
+
+
+@contextlib.asynccontextmanager
+async def cluster_of(dsn: str, connector: str = "psycopg") -> AsyncIterator[Cluster]:
+    """A :class:`Cluster` whose drivers are closed and tables dropped on exit."""
+    cluster = Cluster(dsn, connector)
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+        for channel in cluster.channels:
+            await asyncio.to_thread(drop_tables, dsn, channel)
+
+
+@contextlib.contextmanager
+def no_leftover_tables(dsn: str, channel: str) -> Iterator[None]:
+    """Drop the tables of ``channel`` after the block."""
+    try:
+        yield
+    finally:
+        drop_tables(dsn, channel)
