@@ -1,0 +1,120 @@
+"""Every counter of stats() moves when its event happens."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from crossws_channels import _backplane
+from crossws_channels.drivers.base import Deliver
+from crossws_channels.drivers.local import LocalDriver
+from crossws_channels.errors import BackplaneOverloaded, MessageTooLarge
+from tests.conftest import ErrorLog
+from tests.test_semantics import DownDriver, StalledDriver
+
+
+class ReconnectingDriver(LocalDriver):
+    """The local driver, able to report a lost and regained subscription as a network
+    driver does."""
+
+    deliver: Deliver
+
+    async def subscribe(self, deliver: Deliver, /) -> None:
+        self.deliver = deliver
+        await super().subscribe(deliver)
+
+
+async def test_traffic_counters(make_layer: Any) -> None:
+    """published, relayed_in and delivered count what moves."""
+    a, b = make_layer(), make_layer()
+    mine, theirs = await a.new_channel(), await b.new_channel()
+    await a.group_add("room", mine)
+    await b.group_add("room", theirs)
+    await a.group_send("room", {"type": "x"})
+    await a.send(theirs, {"type": "direct"})
+    await asyncio.wait_for(b.receive(theirs), 2)
+    await asyncio.wait_for(b.receive(theirs), 2)
+    stats_a, stats_b = a.stats(), b.stats()
+    assert stats_a["published"] == 2
+    assert stats_a["delivered"] == 1  # its own member
+    assert stats_b["relayed_in"] == 2
+    assert stats_b["delivered"] == 2
+    assert stats_a["instance_id"] == a.instance_id and stats_a["driver"] == "local"
+    assert stats_a["connected"] is True
+
+
+async def test_drop_counters(make_layer: Any, errors: ErrorLog) -> None:
+    """dropped.full, dropped.expired and refused.too_large, with errors.delivery."""
+    layer = make_layer(capacity=1, expiry=0.2, max_message_size=100, on_error=errors)
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.group_send("room", {"type": "1"})
+    await layer.group_send("room", {"type": "2"})  # full
+    with pytest.raises(MessageTooLarge):
+        await layer.send(channel, {"type": "big", "x": "y" * 200})
+    await asyncio.sleep(0.4)  # "1" expires unread
+    stats = layer.stats()
+    assert stats["dropped.full"] == 1
+    assert stats["dropped.expired"] == 1
+    assert stats["refused.too_large"] == 1
+    assert stats["errors.delivery"] == 2
+
+
+async def test_backplane_failure_counters(make_layer: Any, errors: ErrorLog) -> None:
+    """dropped.publish, errors.publish and errors.subscribe count a down backplane."""
+    layer = make_layer(driver=DownDriver, on_error=errors)
+    for _ in range(3):
+        await layer.group_send("room", {"type": "x"})
+    await asyncio.sleep(0.3)
+    stats = layer.stats()
+    assert stats["dropped.publish"] == 3
+    assert stats["errors.publish"] >= 1  # a failed write loses what it carried
+    assert stats["errors.subscribe"] >= 2
+    assert stats.get("subscribed", 0) == 0
+    assert stats["connected"] is False
+
+
+async def test_connection_counters(make_layer: Any) -> None:
+    """subscribed, disconnects and reconnects follow the driver's connection events."""
+    layer = make_layer(driver=ReconnectingDriver)
+    await layer.new_channel()
+    driver = layer._backplane._driver
+    driver.deliver.connection_lost(ConnectionResetError("gone"))
+    assert layer.stats()["connected"] is False
+    driver.deliver.connection_lost(ConnectionResetError("still gone"))  # same outage
+    driver.deliver.connection_made()
+    stats = layer.stats()
+    assert (stats["subscribed"], stats["disconnects"], stats["reconnects"]) == (1, 1, 1)
+    assert stats["errors.subscribe"] == 2
+    assert stats["connected"] is True
+
+
+async def test_overload_counter(
+    make_layer: Any, errors: ErrorLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages that can't be relayed in time are dropped, counted and reported."""
+    monkeypatch.setattr(_backplane, "HIGH_WATER", 5)
+    monkeypatch.setattr(_backplane, "ROOM_TIMEOUT", 0.1)
+    layer = make_layer(driver=StalledDriver, on_error=errors)
+    for n in range(20):
+        await layer.group_send("room", {"type": "n", "n": n})
+    assert layer.stats()["dropped.overloaded"] > 0
+    assert errors.of(BackplaneOverloaded, "publish")
+
+
+async def test_sizes(make_layer: Any) -> None:
+    """channels, queued, receivers, groups and memberships describe what is held now."""
+    layer = make_layer()
+    one, two = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("a", one)
+    await layer.group_add("b", one)
+    await layer.group_add("b", two)
+    await layer.send(one, {"type": "x"})
+    waiting = asyncio.ensure_future(layer.receive(two))
+    await asyncio.sleep(0)
+    stats = layer.stats()
+    assert (stats["channels"], stats["queued"], stats["receivers"]) == (2, 1, 1)
+    assert (stats["groups"], stats["memberships"]) == (2, 3)
+    waiting.cancel()
