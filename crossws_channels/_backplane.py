@@ -178,6 +178,7 @@ class Backplane:
         self._fetchers: dict[str, asyncio.Task[None]] = {}
         # Set once the first subscription attempt of the current run has finished.
         self._first_attempt: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._first_attempt_seen = False
         self._tasks: set[asyncio.Task[Any]] = set()
         # Coroutines run on the home loop for as long as the backplane runs (heartbeat).
         self.periodic: list[Callable[[], Awaitable[None]]] = []
@@ -197,6 +198,16 @@ class Backplane:
             return home
         return self._start(current)
 
+    def settled(self) -> bool:
+        """Running on a live home loop, past the first subscription attempt: the
+        caller needn't wait for anything (the receive path asks this every time)."""
+        home = self._home
+        return (
+            self._first_attempt_seen
+            and home is not None
+            and (home is asyncio.events._get_running_loop() or home.is_running())
+        )
+
     async def subscribed(self) -> None:
         """Wait (boundedly, and only at start-up) for the subscription to be in place."""
         await self.ensure()
@@ -209,8 +220,7 @@ class Backplane:
             )
         except asyncio.TimeoutError:
             logger.warning("the backplane subscription is still not in place; not waiting longer")
-            if not attempt.done():
-                attempt.set_result(None)
+            self._first_attempt_done()
 
     def _start(self, current: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -230,6 +240,7 @@ class Backplane:
                 driver = self._driver = self._factory(self._instance_id, self._options)
             if self._first_attempt.done():
                 self._first_attempt = concurrent.futures.Future()
+                self._first_attempt_seen = False
             if not self._prefer_thread and not _throwaway(current):
                 home = current
                 self._home = home
@@ -301,6 +312,7 @@ class Backplane:
         attempt = self._first_attempt
         if not attempt.done():
             attempt.set_result(None)
+        self._first_attempt_seen = True
 
     async def _supervised(self, job: Callable[[], Awaitable[None]]) -> None:
         while True:

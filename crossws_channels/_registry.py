@@ -5,10 +5,12 @@ threads and event loops at once: the server's loop, ``async_to_sync`` in sync vi
 fresh loop per call in management commands. A mailbox holds serialized payloads; each
 receiver decodes its own copy, so no two consumers ever share a mutable dict.
 
-Receivers wait on a future of their own loop. A sender appends the message and wakes one
-waiter; the waiter takes the message itself once it runs. A receiver cancelled after it
-was woken therefore loses nothing: the message is still in the mailbox, and the
-cancelled receiver passes the wake-up on.
+Receivers wait on a future of their own loop. A sender on that same loop hands the
+message to the first waiter directly (the common case: a server's consumers and the
+relay share the server's loop). A sender on another thread appends the message and
+wakes the waiter, which takes it itself once it runs. Either way a cancelled receiver
+loses nothing: a message handed to it is put back at the head of the mailbox, and a
+wake-up it can no longer use is passed on.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from time import monotonic
+from typing import Any
 
 __all__ = ["GroupDelivery", "Mailbox", "Payload", "Registry", "wake"]
 
 Payload = str | bytes
+Waiter = asyncio.Future["Payload | None"]
 _NO_DEADLINE = float("inf")
 
 
@@ -36,7 +40,8 @@ class Mailbox:
         # True for a worker channel fed from the backplane's shared queue.
         self.shared = shared
         self.items: deque[tuple[float, Payload]] = deque()
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        # Each resolves to the message handed over, or None: "look in items".
+        self.waiters: deque[Waiter] = deque()
 
 
 @dataclass
@@ -50,12 +55,12 @@ class GroupDelivery:
     shared: list[str] = field(default_factory=list)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
 
 
-def wake(future: asyncio.Future[None], current: asyncio.AbstractEventLoop | None) -> bool:
+def wake(future: asyncio.Future[Any], current: asyncio.AbstractEventLoop | None) -> bool:
     """Wake a waiting receiver on whatever loop it waits on; False if it is gone."""
     if future.done():
         return False
@@ -75,14 +80,20 @@ class Registry:
     """Mailboxes and group memberships of one layer instance."""
 
     def __init__(
-        self, capacity_for: Callable[[str], int], shared_workers: Callable[[], bool]
+        self,
+        capacity_for: Callable[[str], int],
+        shared_workers: Callable[[], bool],
+        expiry: float,
     ) -> None:
         self.lock = threading.Lock()
+        self._expiry = expiry
         self._capacity_for = capacity_for
         self._shared_workers = shared_workers
         self._mailboxes: dict[str, Mailbox] = {}
         # Mailboxes that may hold messages, so the sweep doesn't visit idle ones.
         self._pending: set[str] = set()
+        # Mailboxes a receive emptied: the sweep frees those nobody waits on any more.
+        self._emptied: set[str] = set()
         self._groups: dict[str, dict[str, float]] = {}
         self._memberships: dict[str, set[str]] = {}
 
@@ -104,11 +115,23 @@ class Registry:
         force: bool = False,
     ) -> bool:
         box = self._mailbox(channel)
+        waiters = box.waiters
+        if not box.items:
+            # Hand over directly to a receiver waiting on this very loop.
+            while waiters:
+                waiter = waiters[0]
+                if waiter.done():
+                    waiters.popleft()
+                elif waiter.get_loop() is current:
+                    waiters.popleft()
+                    waiter.set_result(payload)
+                    return True
+                else:
+                    break
         if not force and len(box.items) >= box.capacity:
             return False
         box.items.append((deadline, payload))
         self._pending.add(channel)
-        waiters = box.waiters
         while waiters and not wake(waiters.popleft(), current):
             pass
         return True
@@ -150,7 +173,7 @@ class Registry:
 
     def take(
         self, channel: str, loop: asyncio.AbstractEventLoop
-    ) -> tuple[Payload | None, asyncio.Future[None] | None, int, bool]:
+    ) -> tuple[Payload | None, Waiter | None, int, bool]:
         """Pop the next live message, or register a waiter.
 
         Returns ``(payload, waiter, expired, shared)``: exactly one of payload and waiter
@@ -167,16 +190,21 @@ class Registry:
                 if deadline >= now:
                     if not items:
                         self._pending.discard(channel)
-                        if not box.waiters:
-                            del self._mailboxes[channel]
+                        self._emptied.add(channel)
                     return payload, None, expired, box.shared
                 expired += 1
             self._pending.discard(channel)
-            waiter: asyncio.Future[None] = loop.create_future()
+            waiter: Waiter = loop.create_future()
             box.waiters.append(waiter)
             return None, waiter, expired, box.shared
 
-    def abandon(self, channel: str, waiter: asyncio.Future[None]) -> list[Payload]:
+    def put_back(self, channel: str, payload: Payload) -> None:
+        """Return a message handed to a receiver that was cancelled, at the head."""
+        with self.lock:
+            self._mailbox(channel).items.appendleft((monotonic() + self._expiry, payload))
+            self._pending.add(channel)
+
+    def abandon(self, channel: str, waiter: Waiter) -> list[Payload]:
         """Forget a receiver that was cancelled; free the mailbox if nothing is left.
 
         Returns messages of a shared worker channel that no receiver here wants any
@@ -257,6 +285,11 @@ class Registry:
         now = monotonic()
         expired: dict[str, int] = {}
         with self.lock:
+            for channel in self._emptied:
+                box = self._mailboxes.get(channel)
+                if box is not None and not box.items and not box.waiters:
+                    del self._mailboxes[channel]
+            self._emptied.clear()
             for channel in list(self._pending):
                 box = self._mailboxes.get(channel)
                 if box is None:

@@ -55,6 +55,8 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 # Topics of control messages start with "!", which no group or channel name can.
 _GROUP_ADD = "!add"
 _GROUP_DISCARD = "!discard"
+# How many validated channel names receive() remembers.
+_VALID_NAMES_KEPT = 10_000
 # How often memberships are checked against group_expiry.
 _GROUP_SWEEP_EVERY = 30.0
 
@@ -125,8 +127,11 @@ class BackplaneChannelLayer(BaseChannelLayer):
             worker_item=self._worker_item,
             on_restored=self._restored,
         )
-        self._registry = Registry(self.get_capacity, lambda: self._backplane.shared_queues)
+        self._registry = Registry(
+            self.get_capacity, lambda: self._backplane.shared_queues, self.config.expiry
+        )
         self._supports_flush = isinstance(driver, SupportsFlush)
+        self._valid_names: set[str] = set()
         # Broadcasts are numbered so that receivers can count what they missed.
         self._broadcast_seq = itertools.count(1)
         self._gaps = SequenceGaps()
@@ -264,8 +269,10 @@ class BackplaneChannelLayer(BaseChannelLayer):
         Cancelling the wait loses no message: one that arrived meanwhile stays queued for
         the next ``receive``.
         """
-        self.require_valid_channel_name(channel)
-        await self._backplane.subscribed()
+        self._check_channel_name(channel)
+        backplane = self._backplane
+        if not backplane.settled():
+            await backplane.subscribed()
         loop = asyncio.get_running_loop()
         registry = self._registry
         while True:
@@ -273,26 +280,41 @@ class BackplaneChannelLayer(BaseChannelLayer):
             if expired:
                 self._stats.incr("dropped.expired", expired)
                 self._reporter.report(MessageExpired(expired, [channel]), "delivery")
-            if payload is not None:
+            if payload is None:
+                assert waiter is not None
+                if shared:
+                    backplane.want(channel)
                 try:
-                    return serialize.loads(payload)
-                except Exception as exc:
-                    self._stats.incr("dropped.malformed")
-                    self._reporter.report(
-                        MalformedMessage(f"a message on {channel!r} could not be decoded: {exc}"),
-                        "delivery",
-                    )
-                    continue
-            assert waiter is not None
-            if shared:
-                self._backplane.want(channel)
+                    payload = await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():
+                        handed = waiter.result()
+                        if handed is not None:
+                            # Handed over just as we were cancelled: keep it for the next.
+                            registry.put_back(channel, handed)
+                    for item in registry.abandon(channel, waiter):
+                        self._return_worker_item(channel, item)
+                    raise
+                if payload is None:
+                    continue  # woken from another thread: the message is in the mailbox
             try:
-                await waiter
-            except asyncio.CancelledError:
-                leftovers = registry.abandon(channel, waiter)
-                for item in leftovers:
-                    self._return_worker_item(channel, item)
-                raise
+                return serialize.loads(payload)
+            except Exception as exc:
+                self._stats.incr("dropped.malformed")
+                self._reporter.report(
+                    MalformedMessage(f"a message on {channel!r} could not be decoded: {exc}"),
+                    "delivery",
+                )
+
+    def _check_channel_name(self, channel: str) -> None:
+        """require_valid_channel_name, remembering names that passed: a consumer
+        receives on the same channel over and over."""
+        if channel in self._valid_names:
+            return
+        self.require_valid_channel_name(channel)
+        if len(self._valid_names) >= _VALID_NAMES_KEPT:
+            self._valid_names.clear()
+        self._valid_names.add(channel)
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group``, on the instance that owns the channel."""

@@ -160,12 +160,13 @@ async def test_worker_channel_waits_for_a_receiver_until_expiry(
 ) -> None:
     """A worker-channel message waits in the relay for a receiver, up to ``expiry``."""
     layer = make_layer(**config, expiry=1)
-    await layer.send("jobs", {"type": "job", "n": "kept"})
-    await layer.send("short-lived", {"type": "job", "n": "lost"})
-    await asyncio.sleep(0.3)
+    # Started first, so that its start-up time (long on a busy machine) is not counted.
     agent = await make_agent(expiry=1)
+    await layer.send("jobs", {"type": "job", "n": "kept"})
+    await asyncio.sleep(0.5)
     assert (await agent.call("receive", "jobs", 5))["n"] == "kept"
-    await asyncio.sleep(1.2)
+    await layer.send("short-lived", {"type": "job", "n": "lost"})
+    await asyncio.sleep(1.3)
     assert await agent.call("receive", "short-lived", 0.5) is None
 
 
