@@ -1,0 +1,197 @@
+"""What is measured: this layer with each driver, its peers, and the raw transports.
+
+A *subject* is a key (``crossws-redis``) with a short label for the tables. Layer subjects
+are built inside the benchmark processes by :func:`open_layer`; raw subjects by
+:mod:`benchmarks.raw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .env import Env
+
+Family = Literal["crossws", "peer", "raw"]
+Service = Literal["redis", "pgsql", "multiprocessing", "local"]
+
+# Every layer gets this capacity, so that no message is dropped for a full channel: the
+# numbers measure transports and fan-out, not a configured bound.
+CAPACITY = 1_000_000
+
+
+@dataclass(frozen=True)
+class Subject:
+    key: str
+    label: str
+    family: Family
+    service: Service
+    note: str
+
+
+SUBJECTS: dict[str, Subject] = {
+    s.key: s
+    for s in [
+        Subject("crossws-redis", "crossws redis", "crossws", "redis", "this layer, redis driver"),
+        Subject("crossws-pgsql", "crossws pgsql", "crossws", "pgsql", "this layer, pgsql driver"),
+        Subject(
+            "crossws-mp",
+            "crossws mp",
+            "crossws",
+            "multiprocessing",
+            "this layer, multiprocessing driver (relay process)",
+        ),
+        Subject("crossws-local", "crossws local", "crossws", "local", "this layer, local driver"),
+        Subject("redis-core", "redis core", "peer", "redis", "channels_redis RedisChannelLayer"),
+        Subject(
+            "redis-pubsub",
+            "redis pubsub",
+            "peer",
+            "redis",
+            "channels_redis RedisPubSubChannelLayer",
+        ),
+        Subject(
+            "channels-postgres",
+            "channels-postgres",
+            "peer",
+            "pgsql",
+            "channels_postgres PostgresChannelLayer",
+        ),
+        Subject("inmemory", "in-memory", "peer", "local", "channels InMemoryChannelLayer"),
+        Subject("raw-redis", "raw redis", "raw", "redis", "redis-py PUBLISH, each awaited"),
+        Subject(
+            "raw-redis-pipe",
+            "raw redis pipelined",
+            "raw",
+            "redis",
+            "redis-py PUBLISH, pipelined",
+        ),
+        Subject("raw-pg", "raw pg", "raw", "pgsql", "psycopg NOTIFY, each awaited"),
+        Subject("raw-pg-pipe", "raw pg pipelined", "raw", "pgsql", "psycopg NOTIFY, pipelined"),
+        Subject(
+            "raw-pg-batch",
+            "raw pg batched",
+            "raw",
+            "pgsql",
+            "psycopg, one pg_notify() statement per batch",
+        ),
+    ]
+}
+
+
+def short(key: str) -> str:
+    """A short code for ``key`` in names (channels-postgres allows 100 bytes per group key)."""
+    return f"s{list(SUBJECTS).index(key)}"
+
+
+DRIVER_SERVICES: dict[str, Service] = {
+    "redis": "redis",
+    "pgsql": "pgsql",
+    "multiprocessing": "multiprocessing",
+    "mp": "multiprocessing",
+    "local": "local",
+}
+
+
+def available(key: str, env: Env) -> str | None:
+    """Why ``key`` can't run in ``env``; ``None`` if it can."""
+    service = SUBJECTS[key].service
+    if service == "redis" and env.redis_url is None:
+        return "no Redis"
+    if service == "pgsql" and env.pg_dsn is None:
+        return "no PostgreSQL"
+    if key == "channels-postgres" and env.chpg_database is None:
+        return "channels-postgres unavailable"
+    if service == "multiprocessing" and env.mp_socket_dir is None:
+        return "no relay"
+    return None
+
+
+def open_layer(key: str, env: Env, scope: str) -> Any:
+    """Build the layer of subject ``key``; ``scope`` keeps its names apart from others'."""
+    if key.startswith("crossws-"):
+        from crossws_channels.layer import BackplaneChannelLayer
+
+        config: dict[str, Any] = {"channel": scope, "capacity": CAPACITY}
+        if key == "crossws-redis":
+            config.update(driver="redis", url=env.redis_url)
+        elif key == "crossws-pgsql":
+            config.update(driver="pgsql", dsn=env.pg_dsn)
+        elif key == "crossws-mp":
+            config.update(
+                driver="multiprocessing", channel=env.mp_channel, socket_dir=env.mp_socket_dir
+            )
+        else:
+            config.update(driver="local")
+        return BackplaneChannelLayer(**config)
+    if key == "redis-core":
+        from channels_redis.core import RedisChannelLayer  # type: ignore[import-untyped]
+
+        return RedisChannelLayer(hosts=[env.redis_url], prefix=scope, capacity=CAPACITY)
+    if key == "redis-pubsub":
+        from channels_redis.pubsub import RedisPubSubChannelLayer  # type: ignore[import-untyped]
+
+        return RedisPubSubChannelLayer(hosts=[env.redis_url], prefix=scope)
+    if key == "channels-postgres":
+        from channels_postgres.core import PostgresChannelLayer  # type: ignore[import-untyped]
+
+        if env.chpg_database is None:
+            raise RuntimeError("channels-postgres has no database in this run")
+        return PostgresChannelLayer(prefix=scope, **env.chpg_database)
+    if key == "inmemory":
+        from channels.layers import InMemoryChannelLayer
+
+        return InMemoryChannelLayer(capacity=CAPACITY)
+    raise ValueError(f"{key!r} is not a layer subject")
+
+
+async def start_receivers(
+    key: str, layer: Any, loops: list[Coroutine[Any, Any, None]]
+) -> list[asyncio.Task[None]]:
+    """Start receive loops, one per channel.
+
+    channels-postgres starts its LISTEN connection in the first ``receive()``, and every
+    ``receive()`` called before that connection is up starts another one: a hundred
+    channels starting at once open a hundred connections and exhaust the server's. Its
+    first loop is therefore started alone, and the others once it listens, as they
+    would be in a server whose consumers arrive one by one.
+    """
+    tasks: list[asyncio.Task[None]] = []
+    for index, loop in enumerate(loops):
+        tasks.append(asyncio.create_task(loop))
+        if index == 0 and key == "channels-postgres":
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                listening = getattr(layer, "listener_task_is_running", None)
+                if listening is not None and listening.is_set():
+                    break
+                await asyncio.sleep(0.01)
+    return tasks
+
+
+async def close_layer(key: str, layer: Any) -> None:
+    """Release what the layer opened, each the way its documentation says."""
+    if key.startswith("crossws-"):
+        await layer.close()
+    elif key == "redis-core":
+        await layer.close_pools()
+    elif key == "redis-pubsub":
+        await layer.flush()
+
+
+def layer_stats(key: str, layer: Any) -> dict[str, Any]:
+    """This layer's own counters (drops it reported), where it has them."""
+    if key.startswith("crossws-"):
+        stats: dict[str, Any] = layer.stats()
+        return stats
+    return {}
+
+
+def reported_losses(stats: dict[str, Any]) -> int:
+    """Messages a crossws instance says it dropped or saw go missing."""
+    return sum(
+        int(value) for name, value in stats.items() if name.startswith("dropped.") or name == "lost"
+    )

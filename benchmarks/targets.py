@@ -1,0 +1,207 @@
+"""The targets of issue 6, checked against a run's medians."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .report import render, summarize
+from .scenario_e import FLAT_MIB
+from .trials import ScenarioResult
+
+Check = Callable[["Results"], tuple[bool | None, str]]
+
+
+class Results:
+    """Medians and totals of a run, looked up by scenario, case and subject."""
+
+    def __init__(self, runs: list[ScenarioResult]) -> None:
+        self._runs = {run.scenario.name: run for run in runs}
+
+    def _samples(self, scenario: str, case: str, subject: str, metric: str) -> list[float]:
+        run = self._runs.get(scenario)
+        if run is None:
+            return []
+        for result in run.cases:
+            if result.case.label.startswith(case) and subject in result.samples:
+                return result.samples[subject].get(metric, [])
+        return []
+
+    def median(self, scenario: str, case: str, subject: str, metric: str) -> float | None:
+        summary = summarize(self._samples(scenario, case, subject, metric))
+        return None if summary is None else summary.median
+
+    def total(self, scenario: str, case: str, subject: str, metric: str) -> float | None:
+        values = self._samples(scenario, case, subject, metric)
+        return sum(values) if values else None
+
+    def minimum(self, scenario: str, case: str, subject: str, metric: str) -> float | None:
+        values = self._samples(scenario, case, subject, metric)
+        return min(values) if values else None
+
+    def cases(self, scenario: str) -> list[str]:
+        run = self._runs.get(scenario)
+        return [] if run is None else [result.case.label for result in run.cases]
+
+
+@dataclass(frozen=True)
+class Target:
+    driver: str
+    text: str
+    check: Check
+
+
+def _ratio(
+    scenario: str,
+    case: str,
+    metric: str,
+    mine: str,
+    peer: str | tuple[str, ...],
+    bound: float,
+    at_least: bool,
+) -> Check:
+    """``mine / peer`` of the medians against ``bound``; with several peers, the best."""
+    peers = (peer,) if isinstance(peer, str) else peer
+
+    def check(results: Results) -> tuple[bool | None, str]:
+        a = results.median(scenario, case, mine, metric)
+        found = [m for p in peers if (m := results.median(scenario, case, p, metric))]
+        if a is None or not found:
+            return None, "not measured"
+        b = max(found) if at_least else min(found)
+        value = a / b
+        met = value >= bound if at_least else value <= bound
+        return met, f"{value:.2f}x"
+
+    return check
+
+
+def _worker(subject: str) -> Check:
+    def check(results: Results) -> tuple[bool | None, str]:
+        lost = results.total("D", "", subject, "lost")
+        dup = results.total("D", "", subject, "duplicates")
+        share = results.minimum("D", "", subject, "share")
+        mine = results.median("D", "", subject, "rate")
+        core = results.median("D", "", "redis-core", "rate")
+        if lost is None or dup is None or share is None or mine is None:
+            return None, "not measured"
+        speed = mine / core if core else None
+        met = lost == 0 and dup == 0 and share >= 0.25 and (speed is None or speed >= 3)
+        shown = f"{speed:.2f}x" if speed is not None else "n/a"
+        detail = f"lost {lost:.0f}, dup {dup:.0f}, min share {share:.2f}, {shown} core"
+        return (met if speed is not None or not met else None), detail
+
+    return check
+
+
+def _flat(subject: str) -> Check:
+    def check(results: Results) -> tuple[bool | None, str]:
+        growths = [results.median("E", case, subject, "growth") for case in results.cases("E")]
+        measured = [g for g in growths if g is not None]
+        if not measured:
+            return None, "not measured"
+        worst = max(measured)
+        if len(measured) < len(growths):
+            return None, f"worst growth {worst:+.1f} MiB, but a case was not measured"
+        return worst <= FLAT_MIB, f"worst growth {worst:+.1f} MiB"
+
+    return check
+
+
+def _all_reported(subject: str) -> Check:
+    def check(results: Results) -> tuple[bool | None, str]:
+        found = [
+            results.total(scenario, case, subject, "unreported")
+            for scenario in "ACDE"
+            for case in results.cases(scenario)
+        ]
+        counted = [n for n in found if n is not None]
+        if not counted:
+            return None, "not measured"
+        return sum(counted) == 0, f"{sum(counted):.0f} lost unreported"
+
+    return check
+
+
+def _both(first: Check, second: Check) -> Check:
+    def check(results: Results) -> tuple[bool | None, str]:
+        ok1, text1 = first(results)
+        ok2, text2 = second(results)
+        met = None if ok1 is None or ok2 is None else ok1 and ok2
+        return met, f"{text1}; {text2}"
+
+    return check
+
+
+def _b(subject: str, raw: str, metric: str, bound: float) -> Check:
+    return _both(
+        _ratio("B", "group_send", metric, subject, raw, bound, at_least=False),
+        _ratio("B", "send", metric, subject, raw, bound, at_least=False),
+    )
+
+
+TARGETS = [
+    Target(
+        "redis",
+        "A K=1 ≥ 5x redis pubsub",
+        _ratio("A", "K=1", "rate", "crossws-redis", "redis-pubsub", 5, True),
+    ),
+    Target(
+        "redis",
+        "A K=100 ≥ 1.5x redis pubsub",
+        _ratio("A", "K=100", "rate", "crossws-redis", "redis-pubsub", 1.5, True),
+    ),
+    Target(
+        "redis",
+        "B p50 ≤ 1.15x raw redis (group_send; send)",
+        _b("crossws-redis", "raw-redis", "p50", 1.15),
+    ),
+    Target(
+        "redis",
+        "B p99 ≤ 1.5x raw redis (group_send; send)",
+        _b("crossws-redis", "raw-redis", "p99", 1.5),
+    ),
+    Target(
+        "redis",
+        "C N=1000 ≤ 0.5x redis pubsub µs",
+        _ratio("C", "N=1000", "us_per_delivery", "crossws-redis", "redis-pubsub", 0.5, False),
+    ),
+    Target("redis", "D no dup, no loss, ≥ 3x core, both busy", _worker("crossws-redis")),
+    Target(
+        "pgsql",
+        "A K=1 ≥ 10x channels-postgres",
+        _ratio("A", "K=1", "rate", "crossws-pgsql", "channels-postgres", 10, True),
+    ),
+    Target(
+        "pgsql",
+        "A K=1 ≥ 0.45x raw pg pipelined (or batched, if faster)",
+        _ratio("A", "K=1", "rate", "crossws-pgsql", ("raw-pg-pipe", "raw-pg-batch"), 0.45, True),
+    ),
+    Target(
+        "pgsql", "B p50 ≤ 1.2x raw pg (group_send; send)", _b("crossws-pgsql", "raw-pg", "p50", 1.2)
+    ),
+    Target("pgsql", "D no dup, no loss, ≥ 3x core, both busy", _worker("crossws-pgsql")),
+    Target(
+        "multiprocessing",
+        "A K=1 ≥ 1x crossws redis",
+        _ratio("A", "K=1", "rate", "crossws-mp", "crossws-redis", 1, True),
+    ),
+    *(
+        Target(driver, "E flat (relayed, churn)", _flat(f"crossws-{key}"))
+        for driver, key in (("redis", "redis"), ("pgsql", "pgsql"), ("multiprocessing", "mp"))
+    ),
+    *(
+        Target(driver, "no loss unreported (A, C, D, E)", _all_reported(f"crossws-{key}"))
+        for driver, key in (("redis", "redis"), ("pgsql", "pgsql"), ("multiprocessing", "mp"))
+    ),
+]
+
+
+def summary_table(runs: list[ScenarioResult]) -> str:
+    results = Results(runs)
+    rows: list[list[str]] = []
+    for target in TARGETS:
+        met, detail = target.check(results)
+        verdict = "n/a" if met is None else ("met" if met else "NOT MET")
+        rows.append([target.driver, target.text, detail, verdict])
+    return "## Targets\n\n" + render(["driver", "target", "measured", "verdict"], rows)
