@@ -32,7 +32,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from asgiref.sync import AsyncToSync
 
@@ -67,6 +67,9 @@ SUBSCRIBE_BACKOFF = (0.05, 5.0)
 # joined right after start-up doesn't miss messages relayed a moment later.
 FIRST_SUBSCRIBE_WAIT = 2.0
 QUEUE_POP_TIMEOUT = 1.0
+# How long a worker channel's fetcher waits for its receiver to come back for the next
+# message, instead of ending and being started again for every item.
+FETCHER_LINGER = 1.0
 
 
 @dataclass(slots=True)
@@ -74,6 +77,28 @@ class _Outgoing:
     target: str | None
     text: str
     done: concurrent.futures.Future[None] | None = None
+
+
+_capabilities: dict[type, tuple[bool, bool]] = {}
+
+
+def capabilities(driver: Driver) -> tuple[SupportsBatch | None, SupportsDirect | None]:
+    """The driver as its batch and direct-send capabilities, if it has them.
+
+    Checking a runtime protocol costs microseconds; the answer depends on the class only,
+    so it is worked out once per class, not once per message.
+    """
+    kind = type(driver)
+    known = _capabilities.get(kind)
+    if known is None:
+        known = _capabilities[kind] = (
+            isinstance(driver, SupportsBatch),
+            isinstance(driver, SupportsDirect),
+        )
+    return (
+        cast(SupportsBatch, driver) if known[0] else None,
+        cast(SupportsDirect, driver) if known[1] else None,
+    )
 
 
 def _throwaway(loop: asyncio.AbstractEventLoop) -> bool:
@@ -176,6 +201,7 @@ class Backplane:
         self._flusher_wake: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
         self._fetchers: dict[str, asyncio.Task[None]] = {}
+        self._wanted: dict[str, asyncio.Event] = {}
         # Set once the first subscription attempt of the current run has finished.
         self._first_attempt: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._first_attempt_seen = False
@@ -277,6 +303,7 @@ class Backplane:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             self._fetchers.clear()
+            self._wanted.clear()
             await self._drain(driver)
             try:
                 await asyncio.wait_for(driver.close(), DRAIN_TIMEOUT)
@@ -436,12 +463,12 @@ class Backplane:
 
     async def _send(self, driver: Driver, batch: list[_Outgoing]) -> None:
         sent = 0
+        batching, direct = capabilities(driver)
         try:
-            if isinstance(driver, SupportsBatch) and len(batch) > 1:
-                await driver.publish_batch([(item.target, item.text) for item in batch])
+            if batching is not None and len(batch) > 1:
+                await batching.publish_batch([(item.target, item.text) for item in batch])
                 sent = len(batch)
             else:
-                direct = driver if isinstance(driver, SupportsDirect) else None
                 for item in batch:
                     if item.target is not None and direct is not None:
                         await direct.publish_to(item.target, item.text)
@@ -550,34 +577,57 @@ class Backplane:
                 pass
 
     def _start_fetcher(self, channel: str) -> None:
-        driver = self._driver
-        if channel in self._fetchers or driver is None:
+        wanted = self._wanted.get(channel)
+        if wanted is not None:
+            wanted.set()  # a fetcher lingers for this channel: tell it a receiver is back
             return
+        driver = self._driver
+        if driver is None:
+            return
+        self._wanted[channel] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._fetch(driver, channel))
         self._fetchers[channel] = task
 
-    async def _fetch(self, driver: Driver, channel: str) -> None:
-        assert isinstance(driver, SupportsWorkerQueue)
-        delay, limit = SUBSCRIBE_BACKOFF
+    async def _lingered(self, channel: str) -> bool:
+        """Wait briefly for a receiver of ``channel`` to come back (a consumer that is
+        busy with the previous message); False if none did."""
+        wanted = self._wanted[channel]
+        wanted.clear()
+        if self._worker_wanted(channel):
+            return True
         try:
-            while self._worker_wanted(channel):
+            await asyncio.wait_for(wanted.wait(), FETCHER_LINGER)
+        except asyncio.TimeoutError:
+            return self._worker_wanted(channel)
+        return True
+
+    async def _fetch(self, driver: Driver, channel: str) -> None:
+        queue = cast(SupportsWorkerQueue, driver)
+        delay, limit = SUBSCRIBE_BACKOFF
+        failing = False
+        try:
+            while self._worker_wanted(channel) or await self._lingered(channel):
                 try:
-                    item = await driver.queue_pop(channel, QUEUE_POP_TIMEOUT)
+                    item = await queue.queue_pop(channel, QUEUE_POP_TIMEOUT)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    failing = True
                     self._reporter.outage_started(f"queue {channel}", exc, "subscribe")
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, limit)
                     continue
-                delay = SUBSCRIBE_BACKOFF[0]
-                self._reporter.outage_ended(f"queue {channel}")
+                if failing:
+                    failing = False
+                    delay = SUBSCRIBE_BACKOFF[0]
+                    self._reporter.outage_ended(f"queue {channel}")
                 if item is not None and not self._worker_item(channel, item):
                     # The receiver gave up while the item was on its way: put it back.
-                    await driver.queue_return(channel, item)
+                    await queue.queue_return(channel, item)
         finally:
             if self._fetchers.get(channel) is asyncio.current_task():
                 del self._fetchers[channel]
+                self._wanted.pop(channel, None)
         # A receiver may have arrived just as this fetcher decided to stop.
         if self._worker_wanted(channel):
             self._start_fetcher(channel)

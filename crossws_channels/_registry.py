@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
-__all__ = ["GroupDelivery", "Mailbox", "Payload", "Registry", "wake"]
+from .serialize import Template
+
+__all__ = ["GroupDelivery", "Item", "Mailbox", "Payload", "Registry", "wake"]
 
 Payload = str | bytes
-Waiter = asyncio.Future["Payload | None"]
+# What a mailbox holds: serialized data, or a message decoded once for many receivers.
+Item = str | bytes | Template
+Waiter = asyncio.Future["Item | None"]
 _NO_DEADLINE = float("inf")
 
 
@@ -39,7 +43,7 @@ class Mailbox:
         self.capacity = capacity
         # True for a worker channel fed from the backplane's shared queue.
         self.shared = shared
-        self.items: deque[tuple[float, Payload]] = deque()
+        self.items: deque[tuple[float, Item]] = deque()
         # Each resolves to the message handed over, or None: "look in items".
         self.waiters: deque[Waiter] = deque()
 
@@ -109,7 +113,7 @@ class Registry:
     def _put(
         self,
         channel: str,
-        payload: Payload,
+        payload: Item,
         deadline: float,
         current: asyncio.AbstractEventLoop | None,
         force: bool = False,
@@ -143,7 +147,7 @@ class Registry:
             return self._put(channel, payload, deadline, current, force)
 
     def group_put(
-        self, group: str, payload: Payload, deadline: float, joined_after: float
+        self, group: str, payload: Item, deadline: float, joined_after: float
     ) -> GroupDelivery:
         """Queue ``payload`` on every member of ``group`` that has room.
 
@@ -173,7 +177,7 @@ class Registry:
 
     def take(
         self, channel: str, loop: asyncio.AbstractEventLoop
-    ) -> tuple[Payload | None, Waiter | None, int, bool]:
+    ) -> tuple[Item | None, Waiter | None, int, bool]:
         """Pop the next live message, or register a waiter.
 
         Returns ``(payload, waiter, expired, shared)``: exactly one of payload and waiter
@@ -198,13 +202,13 @@ class Registry:
             box.waiters.append(waiter)
             return None, waiter, expired, box.shared
 
-    def put_back(self, channel: str, payload: Payload) -> None:
+    def put_back(self, channel: str, payload: Item) -> None:
         """Return a message handed to a receiver that was cancelled, at the head."""
         with self.lock:
             self._mailbox(channel).items.appendleft((monotonic() + self._expiry, payload))
             self._pending.add(channel)
 
-    def abandon(self, channel: str, waiter: Waiter) -> list[Payload]:
+    def abandon(self, channel: str, waiter: Waiter) -> list[Item]:
         """Forget a receiver that was cancelled; free the mailbox if nothing is left.
 
         Returns messages of a shared worker channel that no receiver here wants any
@@ -221,7 +225,7 @@ class Registry:
                 pass  # already woken: pass the wake-up on below
             while box.items and box.waiters and not wake(box.waiters.popleft(), current):
                 pass
-            leftovers: list[Payload] = []
+            leftovers: list[Item] = []
             if not box.waiters:
                 if box.shared and box.items:
                     leftovers = [payload for _, payload in box.items]
@@ -267,6 +271,10 @@ class Registry:
             groups.discard(group)
             if not groups:
                 del self._memberships[channel]
+
+    def member_count(self, group: str) -> int:
+        """How many members ``group`` has here (read without the lock: a hint only)."""
+        return len(self._groups.get(group, ()))
 
     def members(self, group: str) -> list[str]:
         with self.lock:

@@ -72,6 +72,11 @@ def _js_surrogates(match: re.Match[str]) -> str:
     return "".join(out)
 
 
+def json_string(value: str) -> str:
+    """``value`` as a JSON string literal, exactly as JavaScript's JSON.stringify writes it."""
+    return _json_string(value)
+
+
 def _json_string(value: str) -> str:
     text: str = encode_basestring(value)
     if not text.isascii() and _SURROGATES.search(text):

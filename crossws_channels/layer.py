@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer
@@ -30,11 +30,11 @@ from channels.layers import BaseChannelLayer
 from . import serialize
 from ._backplane import Backplane
 from ._monitor import HEARTBEAT, PING, PONG, Heartbeat, Pinger, Pong, SequenceGaps, identity
-from ._registry import Payload, Registry
+from ._registry import Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from .config import LayerConfig, build_driver, find_alias, parse_config
 from .drivers.base import Driver, SupportsDirect, SupportsFlush, SupportsWorkerQueue
-from .envelope import SyncMessage, decode_envelope, encode_frame
+from .envelope import SyncMessage, decode_envelope, encode_frame, json_string
 from .errors import (
     DeafSubscription,
     MalformedMessage,
@@ -132,6 +132,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         )
         self._supports_flush = isinstance(driver, SupportsFlush)
         self._valid_names: set[str] = set()
+        # Our own envelopes start with this; the backplane echoes them back to us.
+        self._echo_text = '{"id":' + json_string(self.instance_id) + ","
+        self._echo_bytes = self._echo_text.encode()
+        self._control_text = ',"topic":"!'
+        self._control_bytes = self._control_text.encode()
+        self._echo_scan = len(self._frame("!", "")) + 8
         # Broadcasts are numbered so that receivers can count what they missed.
         self._broadcast_seq = itertools.count(1)
         self._gaps = SequenceGaps()
@@ -248,8 +254,9 @@ class BackplaneChannelLayer(BaseChannelLayer):
         capacity = self.get_capacity(channel)
 
         async def push(driver: Driver) -> bool:
-            assert isinstance(driver, SupportsWorkerQueue)
-            return await driver.queue_push(channel, text, capacity, expires)
+            return await cast(SupportsWorkerQueue, driver).queue_push(
+                channel, text, capacity, expires
+            )
 
         try:
             pushed = await self._backplane.call(push)
@@ -297,14 +304,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
                     raise
                 if payload is None:
                     continue  # woken from another thread: the message is in the mailbox
+            if type(payload) is serialize.Template:
+                return serialize.copy_message(payload.message)
             try:
-                return serialize.loads(payload)
+                return serialize.loads(payload)  # type: ignore[arg-type]
             except Exception as exc:
-                self._stats.incr("dropped.malformed")
-                self._reporter.report(
-                    MalformedMessage(f"a message on {channel!r} could not be decoded: {exc}"),
-                    "delivery",
-                )
+                self._drop_malformed(f"a message on {channel!r} could not be decoded: {exc}")
 
     def _check_channel_name(self, channel: str) -> None:
         """require_valid_channel_name, remembering names that passed: a consumer
@@ -353,8 +358,16 @@ class BackplaneChannelLayer(BaseChannelLayer):
 
     def _fan_out(self, group: str, payload: Payload) -> None:
         now = monotonic()
+        item: Item = payload
+        if self._registry.member_count(group) > 1:
+            # Decode once for every local member; each receives its own copy of that.
+            try:
+                item = serialize.Template(serialize.loads(payload))
+            except Exception as exc:
+                self._drop_malformed(f"dropped a message for group {group!r}: {exc}")
+                return
         result = self._registry.group_put(
-            group, payload, now + self.config.expiry, now - self.config.group_expiry
+            group, item, now + self.config.expiry, now - self.config.group_expiry
         )
         if result.delivered:
             self._stats.incr("delivered", result.delivered)
@@ -373,10 +386,10 @@ class BackplaneChannelLayer(BaseChannelLayer):
 
     def _worker_pusher(self, channel: str, payload: Payload) -> Any:
         async def push(driver: Driver) -> None:
-            assert isinstance(driver, SupportsWorkerQueue)
             expires = time.time() + self.config.expiry
             text = self._frame(channel, payload, expires)
-            if await driver.queue_push(channel, text, self.get_capacity(channel), expires):
+            queue = cast(SupportsWorkerQueue, driver)
+            if await queue.queue_push(channel, text, self.get_capacity(channel), expires):
                 self._stats.incr("published")
             else:
                 self._stats.incr("dropped.full")
@@ -413,7 +426,19 @@ class BackplaneChannelLayer(BaseChannelLayer):
 
     # Inbound, on the home loop
 
+    def _own_echo(self, raw: str | bytes) -> bool:
+        """Our own envelope, not a control message: nothing to do, not even decode it."""
+        if isinstance(raw, str):
+            return raw.startswith(self._echo_text) and (
+                self._control_text not in raw[: self._echo_scan]
+            )
+        return raw.startswith(self._echo_bytes) and (
+            self._control_bytes not in raw[: self._echo_scan]
+        )
+
     def _on_raw(self, raw: str | bytes) -> None:
+        if self._own_echo(raw):
+            return
         envelope = decode_envelope(raw)
         if envelope is None:
             self._stats.incr("dropped.malformed")
@@ -442,8 +467,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if "!" in topic:
             if self._owner(topic) != self.instance_id:
                 return  # a direct send for another instance, relayed to everyone
-            payload = self._inbound(msg)
+            # Only layer instances send to a channel: its data is a serialized message
+            # (checked when it is received).
+            data = msg.data
+            payload = data if isinstance(data, str) or data[:4] == serialize.BINARY_MARKER else None
             if payload is None:
+                self._drop_malformed(f"dropped a direct message for {topic!r}: not a message")
                 return
             if self._registry.put(topic, payload, monotonic() + self.config.expiry):
                 self._stats.incr("delivered")
@@ -454,9 +483,16 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if not self.group_name_regex.match(topic) or len(topic) >= self.MAX_NAME_LENGTH:
             logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
             return
-        payload = self._inbound(msg)
+        # A numbered envelope comes from a layer instance, whose data is a serialized
+        # message (the fan-out or the receiver decodes it); crossws peers' data is
+        # checked and wrapped here.
+        payload = msg.data if envelope.seq is not None else self._inbound(msg)
         if payload is not None:
             self._fan_out(topic, payload)
+
+    def _drop_malformed(self, what: str) -> None:
+        self._stats.incr("dropped.malformed")
+        self._reporter.report_flood("malformed", MalformedMessage(what), "delivery")
 
     def _count_gap(self, sender: str, seq: int) -> None:
         missing = self._gaps.observe(sender, seq)
@@ -607,12 +643,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
             return True
         return False
 
-    def _return_worker_item(self, channel: str, payload: Payload) -> None:
+    def _return_worker_item(self, channel: str, item: Item) -> None:
+        payload = serialize.dumps(item.message) if isinstance(item, serialize.Template) else item
         text = self._frame(channel, payload, time.time() + self.config.expiry)
 
         async def give_back(driver: Driver) -> None:
-            assert isinstance(driver, SupportsWorkerQueue)
-            await driver.queue_return(channel, text)
+            await cast(SupportsWorkerQueue, driver).queue_return(channel, text)
 
         self._backplane.spawn(give_back, f"return an item to {channel!r}")
 

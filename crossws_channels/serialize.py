@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["BINARY_MARKER", "dumps", "loads", "payload_size"]
+__all__ = ["BINARY_MARKER", "Template", "copy_message", "dumps", "loads", "payload_size"]
 
 # 0xC1 is the one byte msgpack never emits, so no plain msgpack document, and no
 # UTF-8 text, starts with this marker by accident.
@@ -74,6 +74,30 @@ def _walk(value: object, path: str) -> bool:
     )
 
 
+def _str_keys(value: dict[Any, Any]) -> bool:
+    """True if every dict key in ``value`` (at any depth) is a str: the cheap check left
+    to do once the JSON encoder has accepted every value."""
+    for key, item in value.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(item, dict):
+            if not _str_keys(item):
+                return False
+        elif isinstance(item, (list, tuple)) and not _str_keys_in(item):
+            return False
+    return True
+
+
+def _str_keys_in(values: list[Any] | tuple[Any, ...]) -> bool:
+    for item in values:
+        if isinstance(item, dict):
+            if not _str_keys(item):
+                return False
+        elif isinstance(item, (list, tuple)) and not _str_keys_in(item):
+            return False
+    return True
+
+
 def _msgpack_default(value: object) -> Any:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
@@ -93,7 +117,8 @@ def dumps(message: Message) -> str | bytes:
         pass
     else:
         # JSON silently turns non-str keys into strings, which would not round-trip.
-        _walk(message, "message")
+        if not _str_keys(message):
+            _walk(message, "message")  # raises, naming the key
         return text
     if not _walk(message, "message"):
         # Only possible for a type JSON refused but the walk accepted; be safe.
@@ -129,3 +154,42 @@ def payload_size(data: str | bytes) -> int:
     if data.isascii():
         return len(data)
     return len(data.encode("utf-8", "surrogatepass"))
+
+
+class Template:
+    """A message decoded once for many receivers; each receives :func:`copy_message` of it.
+
+    Decoding the same text for every member of a large group costs more than copying the
+    decoded dict, and copying keeps what the layer promises: no two consumers share a
+    mutable message.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+
+def _copy_list(value: list[Any]) -> list[Any]:
+    out = []
+    for item in value:
+        kind = type(item)
+        if kind is dict:
+            item = copy_message(item)
+        elif kind is list:
+            item = _copy_list(item)
+        out.append(item)
+    return out
+
+
+def copy_message(message: Message) -> Message:
+    """A copy of a decoded message: new dicts and lists, the same immutable leaves."""
+    out = {}
+    for key, value in message.items():
+        kind = type(value)
+        if kind is dict:
+            value = copy_message(value)
+        elif kind is list:
+            value = _copy_list(value)
+        out[key] = value
+    return out
