@@ -105,7 +105,7 @@ def _django_database(dsn: str) -> dict[str, Any]:
 
 def _channels_postgres(dsn: str, notes: list[str]) -> dict[str, Any] | None:
     try:
-        import channels_postgres  # type: ignore[import-untyped]  # noqa: F401
+        import channels_postgres  # noqa: F401
     except ImportError:
         notes.append("channels-postgres is not installed (pip install channels-postgres)")
         return None

@@ -128,15 +128,15 @@ def open_layer(key: str, env: Env, scope: str) -> Any:
             config.update(driver="local")
         return BackplaneChannelLayer(**config)
     if key == "redis-core":
-        from channels_redis.core import RedisChannelLayer  # type: ignore[import-untyped]
+        from channels_redis.core import RedisChannelLayer
 
         return RedisChannelLayer(hosts=[env.redis_url], prefix=scope, capacity=CAPACITY)
     if key == "redis-pubsub":
-        from channels_redis.pubsub import RedisPubSubChannelLayer  # type: ignore[import-untyped]
+        from channels_redis.pubsub import RedisPubSubChannelLayer
 
         return RedisPubSubChannelLayer(hosts=[env.redis_url], prefix=scope)
     if key == "channels-postgres":
-        from channels_postgres.core import PostgresChannelLayer  # type: ignore[import-untyped]
+        from channels_postgres.core import PostgresChannelLayer
 
         if env.chpg_database is None:
             raise RuntimeError("channels-postgres has no database in this run")
