@@ -97,6 +97,7 @@ class Names:
     wakeup: str
     queue_table: str
     large_table: str
+    push_function: str
 
     @classmethod
     def for_instance(cls, channel: str, instance_id: str) -> Names:
@@ -107,6 +108,7 @@ class Names:
             wakeup=f"crossws.wakeup.{_digest('wakeup', channel, size=12)}",
             queue_table=queue_table,
             large_table=large_table,
+            push_function=queue_table.removesuffix("_queue") + "_push",
         )
 
 

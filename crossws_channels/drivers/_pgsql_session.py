@@ -2,8 +2,15 @@
 
 The driver speaks to both libraries through :class:`Session`: statements use PostgreSQL's
 own ``$1`` placeholders (psycopg runs them through a raw cursor), identifiers are quoted by
-psycopg before the text is built, and notifications come out of one async iterator.
-:class:`Opener` knows how to open a new session from what the user configured.
+psycopg before the text is built, and notifications are handed to a callback as they are
+read. :class:`Opener` knows how to open a new session from what the user configured.
+
+A psycopg connection must never be freed while an operation runs on it: psycopg's
+statement generators keep libpq's connection pointer and resume on it when the socket
+becomes readable (or, if the socket number has been reused by a new connection, when that
+one does). :class:`PsycopgSession` counts the operations in flight and, to close a busy
+connection, first shuts its socket down, so that the operation fails at once, and frees
+the connection only when it has returned.
 """
 
 from __future__ import annotations
@@ -12,22 +19,30 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import logging
 import os
 import select
-from collections.abc import AsyncGenerator, Sequence
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import AsyncRawCursor, conninfo, pq, sql
+from psycopg import AsyncCursor, AsyncRawCursor, conninfo, pq, sql
 
 from crossws_channels.errors import ConfigurationError
 
 from ._pgsql_options import DEFAULT_APPLICATION_NAME, PgsqlOptions, classify_client
 
-__all__ = ["AsyncpgSession", "Opener", "PsycopgSession", "Session", "sqlstate"]
+__all__ = ["AsyncpgSession", "Opener", "PsycopgSession", "Session", "Sink", "sqlstate"]
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 PING_TIMEOUT = 5.0
+
+Sink = Callable[[str, str], None]
+"""Receives ``(channel, payload)`` of each notification, in order, on the event loop."""
 
 # TCP keepalives let the kernel notice a peer that vanished without closing the socket;
 # the idle ping (ping_interval) is the backstop for paths (proxies, NAT) that keepalives
@@ -38,6 +53,18 @@ _KEEPALIVES = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
 }
+
+# Many notifications in one statement. The arrays travel in binary form (%b): as text,
+# psycopg would escape every quote and backslash of every payload in Python. unnest()
+# yields the rows in array order, so the notifications keep the order of the batch.
+_PSYCOPG_NOTIFY_SAME = "SELECT count(pg_notify(%b, p)) FROM unnest(%b::text[]) AS p"
+_PSYCOPG_NOTIFY_MANY = (
+    "SELECT count(pg_notify(c, p)) FROM unnest(%b::text[], %b::text[]) AS m(c, p)"
+)
+_ASYNCPG_NOTIFY_SAME = "SELECT count(pg_notify($1::text, p)) FROM unnest($2::text[]) AS p"
+_ASYNCPG_NOTIFY_MANY = (
+    "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS m(c, p)"
+)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -65,18 +92,29 @@ class Session(Protocol):
     async def fetch(self, query: str, *args: object) -> list[tuple[Any, ...]]:
         """Run one statement; return its rows (none for a statement without result)."""
 
+    async def execute(self, query: str, *args: object) -> None:
+        """Run one statement whose rows, if any, nobody needs."""
+
+    async def notify_many(self, channels: str | Sequence[str], payloads: Sequence[str]) -> None:
+        """NOTIFY each payload, in order, in one statement: on ``channels`` if it is one
+        name, else on the channel at the same index."""
+
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A transaction block, committed on exit."""
 
     async def listen(self, channels: Sequence[str]) -> None:
-        """LISTEN on ``channels``; their notifications come out of :meth:`notifications`."""
+        """LISTEN on ``channels``; their notifications go to the sink of :meth:`receive`
+        (those arriving before it are kept for it)."""
 
     async def unlisten(self) -> None:
         """UNLISTEN what :meth:`listen` listened on."""
 
-    def notifications(self, ping_interval: float) -> AsyncGenerator[tuple[str, str], None]:
-        """Yield ``(channel, payload)`` as they arrive, and check the session is alive
-        after ``ping_interval`` seconds of every wait; raise when it breaks."""
+    async def receive(self, sink: Sink, ping_interval: float) -> None:
+        """Hand every notification to ``sink`` until the session breaks, then raise.
+
+        After ``ping_interval`` seconds without traffic, check that the server still
+        answers (within ``min(ping_interval, PING_TIMEOUT)``).
+        """
 
     def usable(self) -> bool:
         """False if the session is known to be closed or broken, without a round trip."""
@@ -85,7 +123,7 @@ class Session(Protocol):
         """Close the session if the driver owns it (never a user's connection)."""
 
     def abort(self) -> None:
-        """Drop an owned session synchronously, when its event loop is gone."""
+        """Drop an owned session without waiting (its loop may be gone)."""
 
 
 class PsycopgSession:
@@ -95,59 +133,230 @@ class PsycopgSession:
         self.conn = conn
         self.owned = owned
         self._channels: list[str] = []
+        self._raw = AsyncRawCursor(conn)
+        self._cursor: AsyncCursor[Any] = conn.cursor()
+        # Operations in flight (statements, the reader); the connection is freed only
+        # when none is left.
+        self._busy = 0
+        self._idle: asyncio.Future[None] | None = None
+        self._finish_when_idle = False
+        self._sink: Sink | None = None
+        self._early: deque[tuple[str, str]] = deque()
+        self._handler_added = False
+
+    # Operations in flight
+
+    def _enter(self) -> None:
+        self._busy += 1
+
+    def _leave(self) -> None:
+        self._busy -= 1
+        if self._busy:
+            return
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+        if self._finish_when_idle:
+            self._finish_when_idle = False
+            self.conn.pgconn.finish()
+
+    def _shutdown(self) -> None:
+        """Shut the socket down under whatever waits on it: reads see end of file and
+        writes fail, so a pending operation ends now, without the connection being
+        freed under it."""
+        try:
+            fd = self.conn.pgconn.socket
+        except psycopg.OperationalError:
+            return  # already closed
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            return
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            return
+        with sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    async def _until_idle(self, timeout: float) -> bool:
+        if self._busy:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+        return not self._busy
+
+    # Statements
 
     async def fetch(self, query: str, *args: object) -> list[tuple[Any, ...]]:
-        async with AsyncRawCursor(self.conn) as cursor:
+        self._enter()
+        try:
+            cursor = self._raw
             await cursor.execute(query, args)
             if cursor.description is None:
                 return []
             return await cursor.fetchall()
+        finally:
+            self._leave()
 
-    def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self.conn.transaction()
+    async def execute(self, query: str, *args: object) -> None:
+        self._enter()
+        try:
+            await self._raw.execute(query, args)
+        finally:
+            self._leave()
+
+    async def notify_many(self, channels: str | Sequence[str], payloads: Sequence[str]) -> None:
+        self._enter()
+        try:
+            if isinstance(channels, str):
+                await self._cursor.execute(_PSYCOPG_NOTIFY_SAME, (channels, payloads))
+            else:
+                await self._cursor.execute(_PSYCOPG_NOTIFY_MANY, (channels, payloads))
+        finally:
+            self._leave()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        self._enter()
+        try:
+            async with self.conn.transaction() as tx:
+                yield tx
+        finally:
+            self._leave()
+
+    # Notifications
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        # Notifications psycopg reads while it runs a statement on this connection.
+        sink = self._sink
+        if sink is None:
+            self._early.append((notify.channel, notify.payload))
+        else:
+            sink(notify.channel, notify.payload)
 
     async def listen(self, channels: Sequence[str]) -> None:
-        for channel in channels:
-            await self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            self._channels.append(channel)
+        if not self._handler_added:
+            self.conn.add_notify_handler(self._on_notify)
+            self._handler_added = True
+        statement = sql.SQL("; ").join(
+            sql.SQL("LISTEN {}").format(sql.Identifier(channel)) for channel in channels
+        )
+        self._enter()
+        try:
+            await self.conn.execute(statement)
+        finally:
+            self._leave()
+        self._channels.extend(channels)
 
     async def unlisten(self) -> None:
-        while self._channels:
-            channel = self._channels.pop()
-            await self.conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+        if self._channels:
+            statement = sql.SQL("; ").join(
+                sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)) for channel in self._channels
+            )
+            self._channels = []
+            self._enter()
+            try:
+                await self.conn.execute(statement)
+            finally:
+                self._leave()
+        if self._handler_added:
+            self._handler_added = False
+            self.conn.remove_notify_handler(self._on_notify)
 
-    async def notifications(self, ping_interval: float) -> AsyncGenerator[tuple[str, str], None]:
-        while True:
-            # notifies() holds the connection's lock; leaving it every `ping_interval` seconds
-            # lets the ping run. psycopg keeps what arrives meanwhile for the next call.
-            async with contextlib.aclosing(self.conn.notifies(timeout=ping_interval)) as stream:
-                async for notify in stream:
-                    yield notify.channel, notify.payload
-            await self._ping(min(PING_TIMEOUT, ping_interval))
+    async def receive(self, sink: Sink, ping_interval: float) -> None:
+        self._sink = sink
+        try:
+            while self._early:
+                sink(*self._early.popleft())
+            while True:
+                # Reading holds the connection's lock, as psycopg's notifies() does; the
+                # ping (a statement) takes it in turn.
+                async with self.conn.lock:
+                    await self._read_until_quiet(sink, ping_interval)
+                await self._ping(min(PING_TIMEOUT, ping_interval))
+        finally:
+            self._sink = None
+
+    async def _read_until_quiet(self, sink: Sink, quiet: float) -> None:
+        """Read notifications straight off libpq as the socket becomes readable, until
+        nothing has arrived for ``quiet`` seconds (or the connection fails)."""
+        loop = asyncio.get_running_loop()
+        pgconn = self.conn.pgconn
+        fd = pgconn.socket
+        encoding = self.conn.info.encoding
+        done: asyncio.Future[None] = loop.create_future()
+        heard = loop.time()
+
+        def drain() -> None:
+            while (notify := pgconn.notifies()) is not None:
+                sink(notify.relname.decode(encoding), notify.extra.decode(encoding))
+
+        def readable() -> None:
+            nonlocal heard
+            try:
+                pgconn.consume_input()
+                drain()
+            except Exception as exc:
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_exception(exc)
+                return
+            heard = loop.time()
+
+        def check() -> None:
+            if done.done():
+                return
+            due = heard + quiet
+            if loop.time() >= due:
+                done.set_result(None)
+            else:
+                timers.append(loop.call_at(due, check))
+
+        self._enter()
+        try:
+            drain()  # what libpq already holds: the socket won't signal it
+            loop.add_reader(fd, readable)
+            timers = [loop.call_at(heard + quiet, check)]
+            try:
+                await done
+            finally:
+                timers[-1].cancel()
+                loop.remove_reader(fd)
+        finally:
+            self._leave()
 
     async def _ping(self, timeout: float) -> None:
         # Not asyncio.wait_for: cancelling a statement in flight makes psycopg ask the
         # server to cancel it and wait for that, seconds more on a connection that hangs.
-        task = asyncio.ensure_future(self.conn.execute("SELECT 1"))
+        task = asyncio.ensure_future(self.execute("SELECT 1"))
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
-        finally:
-            if not task.done():
-                task.add_done_callback(_retrieve)
-                if self.owned:
-                    # Closing the socket ends the stuck statement at once.
-                    self.conn.pgconn.finish()
-        if not done:
-            raise ConnectionLost(f"the server did not answer a ping within {timeout:g} s")
-        task.result()
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieve)
+            raise
+        if done:
+            task.result()
+            return
+        task.add_done_callback(_retrieve)
+        if self.owned:
+            # Make the stuck statement fail now, and let it finish before anyone closes
+            # the connection. A user's connection is left as it is, statement included.
+            self._shutdown()
+            await asyncio.wait({task}, timeout=PING_TIMEOUT)
+        raise ConnectionLost(f"the server did not answer a ping within {timeout:g} s")
+
+    # State and closing
 
     def usable(self) -> bool:
         conn = self.conn
         if conn.closed or conn.broken:
             return False
-        if not self.owned:
-            # The user's connection may be in use elsewhere; reading from it could steal
-            # a response someone else waits for.
+        if not self.owned or self._busy:
+            # The user's connection may be in use elsewhere, and so may a busy one:
+            # reading from it could steal a response someone else waits for.
             return True
         # An idle connection isn't watched by anyone, so a server that went away is only
         # noticed when the next statement fails. If the socket is readable while idle, read
@@ -162,59 +371,117 @@ class PsycopgSession:
         return bool(pgconn.status == pq.ConnStatus.OK)
 
     async def close(self) -> None:
-        if self.owned:
-            await self.conn.close()
+        if not self.owned or self.conn.closed:
+            return
+        if self._busy:
+            self._shutdown()
+            if not await self._until_idle(PING_TIMEOUT):
+                # Still not back: free it whenever it returns, never under it.
+                logger.debug("a pgsql connection is closed after its last operation ends")
+                self._finish_when_idle = True
+                return
+        await self.conn.close()
 
     def abort(self) -> None:
-        if self.owned:
+        if not self.owned or self.conn.closed:
+            return
+        if self._busy:
+            self._shutdown()
+            self._finish_when_idle = True
+        else:
             self.conn.pgconn.finish()
 
 
 class AsyncpgSession:
-    """An asyncpg ``Connection`` (asyncpg is in autocommit mode outside transactions)."""
+    """An asyncpg ``Connection`` (asyncpg is in autocommit mode outside transactions).
+
+    asyncpg runs over an asyncio transport, which can be aborted under a pending
+    operation: the operation fails, nothing is freed under it.
+    """
 
     def __init__(self, conn: Any, *, owned: bool) -> None:
         self.conn = conn
         self.owned = owned
         self._channels: list[str] = []
-        self._queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self._sink: Sink | None = None
+        self._early: deque[tuple[str, str]] = deque()
+        self._lost: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heard = 0.0
 
     async def fetch(self, query: str, *args: object) -> list[tuple[Any, ...]]:
         rows = await self.conn.fetch(query, *args)
         return [tuple(row) for row in rows]
+
+    async def execute(self, query: str, *args: object) -> None:
+        if args:
+            await self.conn.fetch(query, *args)
+        else:
+            await self.conn.execute(query)
+
+    async def notify_many(self, channels: str | Sequence[str], payloads: Sequence[str]) -> None:
+        if isinstance(channels, str):
+            await self.conn.fetch(_ASYNCPG_NOTIFY_SAME, channels, payloads)
+        else:
+            await self.conn.fetch(_ASYNCPG_NOTIFY_MANY, channels, payloads)
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Any]:
         manager: contextlib.AbstractAsyncContextManager[Any] = self.conn.transaction()
         return manager
 
     def _on_notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
-        self._queue.put_nowait((channel, payload))
+        if self._loop is not None:
+            self._heard = self._loop.time()
+        sink = self._sink
+        if sink is None:
+            self._early.append((channel, payload))
+        else:
+            sink(channel, payload)
 
     def _on_terminate(self, _conn: object) -> None:
-        self._queue.put_nowait(None)
+        lost = self._lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
     async def listen(self, channels: Sequence[str]) -> None:
-        self.conn.add_termination_listener(self._on_terminate)
+        if self._lost is None:
+            self._loop = asyncio.get_running_loop()
+            self._lost = self._loop.create_future()
+            self.conn.add_termination_listener(self._on_terminate)
         for channel in channels:
             # asyncpg quotes the channel name itself.
             await self.conn.add_listener(channel, self._on_notify)
             self._channels.append(channel)
 
     async def unlisten(self) -> None:
-        self.conn.remove_termination_listener(self._on_terminate)
+        if self._lost is not None:
+            self.conn.remove_termination_listener(self._on_terminate)
         while self._channels:
             await self.conn.remove_listener(self._channels.pop(), self._on_notify)
 
-    async def notifications(self, ping_interval: float) -> AsyncGenerator[tuple[str, str], None]:
-        while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), ping_interval)
-            except asyncio.TimeoutError:
+    async def receive(self, sink: Sink, ping_interval: float) -> None:
+        lost = self._lost
+        if lost is None:
+            raise RuntimeError("receive() before listen()")
+        loop = asyncio.get_running_loop()
+        self._sink = sink
+        try:
+            while self._early:
+                sink(*self._early.popleft())
+            self._heard = loop.time()
+            while True:
+                # Woken only by the end of the connection or by ping_interval of quiet:
+                # notifications go straight from asyncpg's callback to the sink.
+                quiet = self._heard + ping_interval - loop.time()
+                if quiet > 0:
+                    done, _ = await asyncio.wait({lost}, timeout=quiet)
+                    if done:
+                        raise ConnectionLost("the listening connection was closed")
+                    continue
                 await self.conn.execute("SELECT 1", timeout=min(PING_TIMEOUT, ping_interval))
-                continue
-            if item is None:
-                raise ConnectionLost("the listening connection was closed")
-            yield item
+                self._heard = loop.time()
+        finally:
+            self._sink = None
 
     def usable(self) -> bool:
         return not self.conn.is_closed()

@@ -1,8 +1,8 @@
 """The SQL the pgsql driver runs, with its table names quoted in once per driver.
 
-Values always travel as ``$n`` parameters; the only names in the text are the two tables
-(and their index), derived from ``channel`` and quoted by psycopg. Both libraries run the
-same text: asyncpg natively, psycopg through a raw cursor.
+Values always travel as ``$n`` parameters; the only names in the text are the cluster's
+two tables (and their index) and its push function, derived from ``channel`` and quoted by
+psycopg. Both libraries run the same text: asyncpg natively, psycopg through a raw cursor.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ LARGE_PREFIX = "crossws_channels:large:"
 
 NOTIFY_ONE = "SELECT pg_notify($1::text, $2::text)"
 
-# One statement, one transaction, one round trip for the whole chunk. unnest() yields the
-# pairs in array order, so the NOTIFYs keep the order of the batch.
-NOTIFY_MANY = "SELECT count(pg_notify(c, p)) FROM unnest($1::text[], $2::text[]) AS m(c, p)"
-
 # Serializes table creation between instances: concurrent CREATE TABLE IF NOT EXISTS can
 # still fail on the catalog's unique index.
 DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('crossws_channels tables', 0))"
 
-# Serializes pushes to one worker channel so that counting and inserting is atomic.
-PUSH_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))"
+# $1 queue table, $2 large-message table, $3 push function signature.
+OBJECTS_EXIST = (
+    "SELECT to_regclass($1::text) IS NOT NULL, to_regclass($2::text) IS NOT NULL, "
+    "to_regprocedure($3::text) IS NOT NULL"
+)
 
-TABLES_EXIST = "SELECT to_regclass($1::text) IS NOT NULL, to_regclass($2::text) IS NOT NULL"
+# The push function's arguments: channel, capacity, item, seconds to live, wake-up channel.
+PUSH_ARGUMENTS = "text, integer, text, double precision, text"
 
 
 def _render(template: str, **identifiers: str) -> str:
@@ -42,25 +42,78 @@ def _render(template: str, **identifiers: str) -> str:
     return composed.as_string(None)
 
 
-def _comment(table: str, text: str) -> str:
+def _comment(kind: str, target: str, text: str) -> str:
     return (
-        sql.SQL("COMMENT ON TABLE {} IS {}")
-        .format(sql.Identifier(table), sql.Literal(text))
+        sql.SQL("COMMENT ON {} {} IS {}")
+        .format(sql.SQL(kind), sql.SQL(target), sql.Literal(text))
         .as_string(None)
+    )
+
+
+def _push_function(names: Names, queue: str, push: str) -> str:
+    # One call per push: a single statement, so a single round trip. Inside it, pushes to
+    # one worker channel take turns on an advisory lock, and every statement after the lock
+    # runs on a fresh snapshot (plpgsql, READ COMMITTED), so it sees every push before it:
+    # the capacity check can't be raced. Positions are dense per channel (the last one plus
+    # one), so max - min + 1 bounds the number of waiting rows with two index probes; only
+    # when that bound reaches the capacity are expired rows purged and the rest counted.
+    # Deadlines are on the server's clock, so hosts with skewed clocks agree on them.
+    lock_key = sql.Literal(f"{names.queue_table}:").as_string(None)
+    return (
+        f"CREATE OR REPLACE FUNCTION {push}("
+        "p_channel text, p_capacity integer, p_item text, p_ttl double precision, "
+        "p_wakeup text) RETURNS integer[] LANGUAGE plpgsql AS $crossws$\n"
+        "DECLARE\n"
+        "    lo bigint;\n"
+        "    hi bigint;\n"
+        "    waiting bigint;\n"
+        "    purged integer := 0;\n"
+        "    clock double precision;\n"
+        "BEGIN\n"
+        f"    PERFORM pg_advisory_xact_lock(hashtextextended({lock_key} || p_channel, 0));\n"
+        "    clock := extract(epoch FROM clock_timestamp());\n"
+        f"    SELECT min(pos), max(pos) INTO lo, hi FROM {queue} WHERE channel = p_channel;\n"
+        "    IF hi - lo + 1 >= p_capacity THEN\n"
+        f"        DELETE FROM {queue} WHERE channel = p_channel AND pos IN (\n"
+        f"            SELECT pos FROM {queue} WHERE channel = p_channel AND expires <= clock\n"
+        "            FOR UPDATE SKIP LOCKED);\n"
+        "        GET DIAGNOSTICS purged = ROW_COUNT;\n"
+        "        SELECT count(*) INTO waiting FROM (\n"
+        f"            SELECT 1 FROM {queue} WHERE channel = p_channel AND expires > clock\n"
+        "            LIMIT p_capacity) AS w;\n"
+        "        IF waiting >= p_capacity THEN\n"
+        "            RETURN ARRAY[0, purged];\n"
+        "        END IF;\n"
+        "    END IF;\n"
+        "    LOOP\n"
+        f"        INSERT INTO {queue} (channel, pos, item, expires)\n"
+        "        VALUES (p_channel, coalesce(hi, 0) + 1, p_item, clock + p_ttl)\n"
+        "        ON CONFLICT DO NOTHING;\n"
+        "        EXIT WHEN FOUND;\n"
+        "        -- A message put back at the head of an emptied queue took that position.\n"
+        f"        SELECT max(pos) INTO hi FROM {queue} WHERE channel = p_channel;\n"
+        "    END LOOP;\n"
+        "    PERFORM pg_notify(p_wakeup, p_channel);\n"
+        "    RETURN ARRAY[1, purged];\n"
+        "END\n"
+        "$crossws$"
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Statements:
-    """Every statement that names one of the cluster's tables."""
+    """Every statement that names one of the cluster's tables or its function."""
 
     queue: str
     large: str
+    push_signature: str
     create_queue: tuple[str, ...]
+    create_push: tuple[str, ...]
     create_large: tuple[str, ...]
     push: str
     pop: str
     give_back: str
+    purge: str
     large_put: str
     large_get: str
     large_take: str
@@ -71,9 +124,12 @@ class Statements:
     def for_names(cls, names: Names) -> Statements:
         q = {"q": names.queue_table}
         large = {"l": names.large_table, "lx": names.large_table + "_expires"}
+        queue = _render("{q}", **q)
+        push = _render("{f}", f=names.push_function)
         return cls(
-            queue=_render("{q}", **q),
+            queue=queue,
             large=_render("{l}", l=names.large_table),
+            push_signature=f"{push}({PUSH_ARGUMENTS})",
             # UNLOGGED: the rows are transient relay traffic; skipping the WAL makes every
             # push and pop cheaper, and a crash (which empties these tables) loses only
             # messages that at-most-once delivery already allows to be lost.
@@ -81,7 +137,7 @@ class Statements:
                 _render(
                     """CREATE UNLOGGED TABLE {q} (
                         channel text NOT NULL,
-                        pos bigint GENERATED BY DEFAULT AS IDENTITY,
+                        pos bigint NOT NULL,
                         item text NOT NULL,
                         expires double precision NOT NULL,
                         PRIMARY KEY (channel, pos)
@@ -89,8 +145,17 @@ class Statements:
                     **q,
                 ),
                 _comment(
-                    names.queue_table,
+                    "TABLE",
+                    queue,
                     f"crossws_channels worker queues of the cluster {names.broadcast!r}",
+                ),
+            ),
+            create_push=(
+                _push_function(names, queue, push),
+                _comment(
+                    "FUNCTION",
+                    f"{push}({PUSH_ARGUMENTS})",
+                    f"crossws_channels worker-queue push of the cluster {names.broadcast!r}",
                 ),
             ),
             create_large=(
@@ -104,76 +169,57 @@ class Statements:
                 ),
                 _render("CREATE INDEX {lx} ON {l} (expires)", **large),
                 _comment(
-                    names.large_table,
+                    "TABLE",
+                    _render("{l}", l=names.large_table),
                     f"crossws_channels messages too large for NOTIFY, cluster {names.broadcast!r}",
                 ),
             ),
             # $1 channel, $2 capacity, $3 item, $4 seconds to live, $5 wake-up channel.
-            # Runs after PUSH_LOCK in the same transaction, so its snapshot sees every
-            # push that committed before; expired items are purged and don't count.
-            # Deadlines are kept on the server's clock, so hosts with skewed clocks agree.
-            push=_render(
-                """WITH clock AS (
-                    SELECT extract(epoch FROM now())::float8 AS now
-                ), purged AS (
-                    DELETE FROM {q} WHERE channel = $1::text
-                    AND expires <= (SELECT now FROM clock)
-                    RETURNING 1
-                ), waiting AS (
-                    SELECT count(*) AS n FROM (
-                        SELECT 1 FROM {q} WHERE channel = $1::text
-                        AND expires > (SELECT now FROM clock)
-                        LIMIT $2::int
-                    ) AS w
-                ), added AS (
-                    INSERT INTO {q} (channel, item, expires)
-                    SELECT $1::text, $3::text, clock.now + $4::float8
-                    FROM waiting, clock WHERE waiting.n < $2::int
-                    RETURNING 1
-                ), woken AS (
-                    SELECT pg_notify($5::text, $1::text) FROM added
-                )
-                SELECT (SELECT count(*) FROM purged), (SELECT count(*) FROM added),
-                       (SELECT count(*) FROM woken)""",
-                **q,
-            ),
-            # $1 channel. SKIP LOCKED: a row another receiver is taking is invisible
-            # here, so every item goes to exactly one receiver.
+            # Returns {1 if added else 0, expired rows purged}.
+            push=f"SELECT {push}($1::text, $2::integer, $3::text, $4::float8, $5::text)",
+            # $1 channel. SKIP LOCKED: a row another receiver is taking is invisible here,
+            # so every item goes to exactly one receiver. The head is taken even if it has
+            # expired (the caller drops it and takes the next): expired rows leave the
+            # queue as receivers reach them, without a scan.
             pop=_render(
-                """WITH clock AS (
-                    SELECT extract(epoch FROM now())::float8 AS now
-                ), purged AS (
-                    DELETE FROM {q} WHERE (channel, pos) IN (
-                        SELECT channel, pos FROM {q}
-                        WHERE channel = $1::text AND expires <= (SELECT now FROM clock)
-                        FOR UPDATE SKIP LOCKED
-                    )
-                    RETURNING 1
-                ), taken AS (
+                """WITH taken AS (
                     DELETE FROM {q} WHERE channel = $1::text AND pos = (
                         SELECT pos FROM {q} WHERE channel = $1::text
-                        AND expires > (SELECT now FROM clock)
                         ORDER BY pos LIMIT 1 FOR UPDATE SKIP LOCKED
                     )
                     RETURNING item, expires
                 )
-                SELECT (SELECT count(*) FROM purged), (SELECT item FROM taken),
-                       (SELECT expires FROM taken)""",
+                SELECT item, expires, expires <= extract(epoch FROM now())::float8
+                FROM taken""",
                 **q,
             ),
-            # $1 channel, $2 item, $3 deadline (server clock) or NULL, $4 quoted table
-            # name, $5 wake-up channel, $6 seconds to live without a known deadline.
-            # A negative position from the same sequence puts the item before everything
-            # waiting, without reading the head first.
+            # $1 channel, $2 item, $3 deadline (server clock) or NULL, $4 wake-up channel,
+            # $5 seconds to live without a known deadline. Before the first position; if a
+            # concurrent give-back took it, nothing is added and the caller tries again.
             give_back=_render(
                 """WITH added AS (
                     INSERT INTO {q} (channel, pos, item, expires)
-                    VALUES ($1::text, -nextval(pg_get_serial_sequence($4::text, 'pos')),
-                            $2::text,
-                            coalesce($3::float8, extract(epoch FROM now())::float8 + $6::float8))
+                    SELECT $1::text, coalesce(min(pos), 1) - 1, $2::text,
+                        coalesce($3::float8, extract(epoch FROM now())::float8 + $5::float8)
+                    FROM {q} WHERE channel = $1::text
+                    ON CONFLICT DO NOTHING
                     RETURNING 1
                 )
-                SELECT count(*) FROM (SELECT pg_notify($5::text, $1::text) FROM added) AS w""",
+                SELECT count(*) FROM (SELECT pg_notify($4::text, $1::text) FROM added) AS w""",
+                **q,
+            ),
+            # Expired rows of every worker channel that no receiver reached, now and then:
+            # up to $1 of them, by channel.
+            purge=_render(
+                """WITH gone AS (
+                    DELETE FROM {q} WHERE (channel, pos) IN (
+                        SELECT channel, pos FROM {q}
+                        WHERE expires <= extract(epoch FROM now())::float8
+                        LIMIT $1::integer FOR UPDATE SKIP LOCKED
+                    )
+                    RETURNING channel
+                )
+                SELECT channel, count(*) FROM gone GROUP BY channel""",
                 **q,
             ),
             # $1 payload, $2 time to live (s), $3 channel, $4 LARGE_PREFIX. Each insert also

@@ -24,7 +24,7 @@ import functools
 import logging
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,15 +39,7 @@ from ._pgsql_options import (
     table_names,
 )
 from ._pgsql_session import PING_TIMEOUT, ConnectionLost, Opener, Session, sqlstate
-from ._pgsql_sql import (
-    DDL_LOCK,
-    LARGE_PREFIX,
-    NOTIFY_MANY,
-    NOTIFY_ONE,
-    PUSH_LOCK,
-    TABLES_EXIST,
-    Statements,
-)
+from ._pgsql_sql import DDL_LOCK, LARGE_PREFIX, NOTIFY_ONE, OBJECTS_EXIST, Statements
 from .base import Deliver, Outgoing
 
 __all__ = ["PgsqlDriver", "table_names"]
@@ -75,7 +67,16 @@ RETURN_TTL = 60.0
 CHUNK_ROWS = 1000
 CHUNK_BYTES = 4 * 1024 * 1024
 
+# Expired worker messages no receiver reached are purged every PURGE_INTERVAL seconds (by
+# the next push), at most PURGE_ROWS at a time. A receiver drops expired messages it meets
+# at the head of a queue, and a push that finds its queue full purges that queue first.
+PURGE_INTERVAL = 30.0
+PURGE_ROWS = 1000
+
 UNDEFINED_TABLE = "42P01"
+UNDEFINED_FUNCTION = "42883"
+# A table or the push function is missing (never created, or dropped by hand).
+MISSING = frozenset({UNDEFINED_TABLE, UNDEFINED_FUNCTION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,8 @@ class _Link:
         self._stale = False
         self._closed = False
 
-    async def run(self, op: Callable[[Session], Awaitable[T]]) -> T:
+    async def run(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await op(session, *args)`` on this link's session."""
         if self._closed:
             raise RuntimeError("this pgsql driver is closed")
         loop = asyncio.get_running_loop()
@@ -117,11 +119,14 @@ class _Link:
             self._lock = asyncio.Lock()
             self._loop = loop
         async with self._lock:
+            if self._closed:
+                raise RuntimeError("this pgsql driver is closed")
             session = await self._get()
             try:
-                return await op(session)
+                return await op(session, *args)
             except asyncio.CancelledError:
                 # The statement may be half-way through the protocol: never reuse it.
+                # (It has returned: the session only frees the connection when idle.)
                 self._session = None
                 session.abort()
                 raise
@@ -148,6 +153,8 @@ class _Link:
         self._stale = True
 
     async def close(self) -> None:
+        # A statement may still run (close() waits for them only so long): the session
+        # makes it fail first and frees the connection after it.
         self._closed = True
         session, self._session = self._session, None
         if session is not None:
@@ -189,10 +196,14 @@ class PgsqlDriver:
         self._listening = False
         self._user_session_spent = False
         self._tables_ready = False
+        # Notifications waiting behind a large message being read, in arrival order.
+        self._backlog: deque[tuple[str, str]] = deque()
+        self._backlog_task: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._popped: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._direct_names: dict[str, str] = {}
+        self._purge_due = 0.0
         self._closed = False
 
     def __repr__(self) -> str:
@@ -202,26 +213,36 @@ class PgsqlDriver:
 
     async def publish(self, envelope: str, /) -> None:
         """NOTIFY ``envelope`` to every instance of the cluster."""
-        await self.publish_batch([(None, envelope)])
+        self._check_open()
+        if len(envelope) * 4 <= NOTIFY_LIMIT:
+            # The common case, without planning: one short statement.
+            await self._out.run(_notify_one, self.names.broadcast, envelope)
+        else:
+            await self.publish_batch([(None, envelope)])
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """NOTIFY ``envelope`` to the instance ``instance_id`` only."""
-        await self.publish_batch([(instance_id, envelope)])
+        self._check_open()
+        if len(envelope) * 4 <= NOTIFY_LIMIT:
+            await self._out.run(_notify_one, self._direct(instance_id), envelope)
+        else:
+            await self.publish_batch([(instance_id, envelope)])
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
         """Relay ``batch`` in order, as few statements as the payloads allow."""
         self._check_open()
         steps = self._plan(batch)
         if steps:
-            await self._out.run(functools.partial(self._send, steps))
+            await self._out.run(self._send, steps)
 
     def _plan(self, batch: Sequence[Outgoing]) -> list[_Notify | _Large]:
         steps: list[_Notify | _Large] = []
+        broadcast = self.names.broadcast
         chunk = _Notify([], [])
         seen: set[tuple[str, str]] = set()
         size = 0
         for target, envelope in batch:
-            channel = self.names.broadcast if target is None else self._direct(target)
+            channel = broadcast if target is None else self._direct(target)
             nbytes = _utf8_size(envelope)
             if nbytes > NOTIFY_LIMIT:
                 if chunk.payloads:
@@ -253,17 +274,22 @@ class PgsqlDriver:
             )
         return name
 
-    async def _send(self, steps: list[_Notify | _Large], session: Session) -> None:
+    async def _send(self, session: Session, steps: list[_Notify | _Large]) -> None:
         for step in steps:
             if isinstance(step, _Large):
-                await self._with_tables(session, step, op=self._put_large)
-            elif len(step.payloads) == 1:
-                await session.fetch(NOTIFY_ONE, step.channels[0], step.payloads[0])
+                await self._with_tables(session, self._put_large, step)
+                continue
+            channels, payloads = step.channels, step.payloads
+            if len(payloads) == 1:
+                await session.execute(NOTIFY_ONE, channels[0], payloads[0])
+            elif channels.count(channels[0]) == len(channels):
+                # One channel (a run of broadcasts, usually): pass it once.
+                await session.notify_many(channels[0], payloads)
             else:
-                await session.fetch(NOTIFY_MANY, step.channels, step.payloads)
+                await session.notify_many(channels, payloads)
 
     async def _put_large(self, session: Session, step: _Large) -> None:
-        await session.fetch(
+        await session.execute(
             self._sql.large_put,
             step.payload,
             self.options.large_message_ttl,
@@ -362,11 +388,7 @@ class PgsqlDriver:
                     self._wake_all()
                 error: Exception
                 try:
-                    async with contextlib.aclosing(
-                        session.notifications(self.options.ping_interval)
-                    ) as stream:
-                        async for name, payload in stream:
-                            await self._dispatch(name, payload, deliver)
+                    await session.receive(self._on_notify, self.options.ping_interval)
                     error = ConnectionLost("the listening connection ended")
                 except Exception as exc:
                     error = exc
@@ -391,24 +413,53 @@ class PgsqlDriver:
                 self._listen_session = None
                 await self._dispose(session)
 
-    async def _dispatch(self, name: str, payload: str, deliver: Deliver) -> None:
+    def _on_notify(self, name: str, payload: str) -> None:
+        """Every notification, as it is read (synchronously, in order)."""
         names = self.names
         if name == names.wakeup:
             self._wake(payload)
             return
         if name != names.broadcast and name != names.direct:
             return
-        if payload.startswith(LARGE_PREFIX):
-            try:
-                payload = await self._get_large(payload, take=name == names.direct)
-            except Exception as exc:
-                deliver.report(exc, "delivery")
-                return
+        if self._backlog or payload.startswith(LARGE_PREFIX):
+            # A large message is read from its table first; what comes after it waits.
+            self._backlog.append((name, payload))
+            if self._backlog_task is None:
+                self._backlog_task = asyncio.get_running_loop().create_task(self._drain_backlog())
+            return
+        deliver = self._deliver
+        if deliver is None:
+            return
         try:
             deliver(payload)
         except Exception:
             # The layer promises deliver never raises; keep listening if it does anyway.
             logger.exception("pgsql channel %r: deliver raised", names.broadcast)
+
+    async def _drain_backlog(self) -> None:
+        backlog = self._backlog
+        try:
+            while backlog:
+                name, payload = backlog[0]
+                deliver = self._deliver
+                if deliver is None:
+                    backlog.clear()
+                    break
+                if payload.startswith(LARGE_PREFIX):
+                    try:
+                        payload = await self._get_large(payload, take=name == self.names.direct)
+                    except Exception as exc:
+                        backlog.popleft()
+                        deliver.report(exc, "delivery")
+                        continue
+                # Removed only now: while it is read, new arrivals queue up behind it.
+                backlog.popleft()
+                try:
+                    deliver(payload)
+                except Exception:
+                    logger.exception("pgsql channel %r: deliver raised", self.names.broadcast)
+        finally:
+            self._backlog_task = None
 
     async def _get_large(self, reference: str, *, take: bool) -> str:
         """The envelope a large-message reference points at (deleting the row if it was
@@ -418,12 +469,8 @@ class PgsqlDriver:
         if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
             return reference
         statement = self._sql.large_take if take else self._sql.large_get
-
-        async def fetch(session: Session) -> list[tuple[Any, ...]]:
-            return await session.fetch(statement, int(digits))
-
         try:
-            rows = await self._out.run(fetch)
+            rows = await self._out.run(_fetch, statement, int(digits))
         except Exception as exc:
             if sqlstate(exc) != UNDEFINED_TABLE:
                 raise
@@ -441,24 +488,33 @@ class PgsqlDriver:
     async def queue_push(self, channel: str, item: str, capacity: int, expires: float, /) -> bool:
         """Append ``item`` unless ``capacity`` unexpired items already wait on ``channel``."""
         self._check_open()
-
-        async def push(session: Session) -> tuple[int, int]:
-            async with session.transaction():
-                await session.fetch(PUSH_LOCK, f"{self.names.queue_table}:{channel}")
-                rows = await session.fetch(
-                    self._sql.push,
-                    channel,
-                    capacity,
-                    item,
-                    expires - time.time(),
-                    self.names.wakeup,
-                )
-            return int(rows[0][0]), int(rows[0][1])
-
-        purged, added = await self._work.run(functools.partial(self._with_tables, op=push))
+        rows = await self._work.run(
+            self._with_tables,
+            _fetch,
+            self._sql.push,
+            channel,
+            capacity,
+            item,
+            expires - time.time(),
+            self.names.wakeup,
+        )
+        added, purged = rows[0][0]
         if purged:
-            self._report_expired(channel, purged)
-        return added > 0
+            self._report_expired(purged, [channel])
+        if time.monotonic() >= self._purge_due:
+            await self._purge()
+        return bool(added)
+
+    async def _purge(self) -> None:
+        """Delete expired messages of worker channels no receiver reached, now and then."""
+        self._purge_due = time.monotonic() + PURGE_INTERVAL
+        try:
+            rows = await self._work.run(self._with_tables, _fetch, self._sql.purge, PURGE_ROWS)
+        except Exception as exc:
+            logger.debug("pgsql channel %r: purging expired messages failed: %s", self, exc)
+            return
+        if rows:
+            self._report_expired(sum(int(n) for _, n in rows), [str(c) for c, _ in rows])
 
     async def queue_pop(self, channel: str, timeout: float, /) -> str | None:
         """Take the oldest item of ``channel``, waiting up to ``timeout`` seconds for one."""
@@ -489,33 +545,41 @@ class PgsqlDriver:
                 del self._waiters[channel]
 
     async def _pop_once(self, channel: str) -> str | None:
-        async def pop(session: Session) -> tuple[int, str | None, float]:
-            rows = await session.fetch(self._sql.pop, channel)
-            return int(rows[0][0]), rows[0][1], float(rows[0][2] or 0.0)
-
-        task = asyncio.ensure_future(self._work.run(functools.partial(self._with_tables, op=pop)))
+        task = asyncio.ensure_future(self._work.run(self._pop, channel))
         self._track(task)
         try:
             # Shielded: once the DELETE is sent its item is gone from the table, so a
             # cancelled receiver must still get the result, to put the item back.
-            purged, item, expires = await asyncio.shield(task)
+            expired, item, expires = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(functools.partial(self._give_back_orphan, channel))
             raise
-        if purged:
-            self._report_expired(channel, purged)
+        if expired:
+            self._report_expired(expired, [channel])
         if item is not None:
             self._popped[(channel, item)] = expires
             while len(self._popped) > 1024:
                 self._popped.popitem(last=False)
         return item
 
+    async def _pop(self, session: Session, channel: str) -> tuple[int, str | None, float]:
+        """Take the head of ``channel``; drop the expired ones found first (counted)."""
+        expired = 0
+        while True:
+            rows = await self._with_tables(session, _fetch, self._sql.pop, channel)
+            if not rows:
+                return expired, None, 0.0
+            item, expires, is_expired = rows[0]
+            if not is_expired:
+                return expired, item, float(expires)
+            expired += 1
+
     def _give_back_orphan(
         self, channel: str, task: asyncio.Future[tuple[int, str | None, float]]
     ) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        _purged, item, expires = task.result()
+        _expired, item, expires = task.result()
         if item is not None:
             # Also while closing: close() waits for this before closing the connections.
             self._track(asyncio.ensure_future(self._give_back_orphaned(channel, item, expires)))
@@ -527,18 +591,12 @@ class PgsqlDriver:
         await self._give_back(channel, item, self._popped.pop((channel, item), None))
 
     async def _give_back(self, channel: str, item: str, expires: float | None) -> None:
-        async def give_back(session: Session) -> None:
-            await session.fetch(
-                self._sql.give_back,
-                channel,
-                item,
-                expires,
-                self._sql.queue,
-                self.names.wakeup,
-                RETURN_TTL,
-            )
-
-        await self._work.run(functools.partial(self._with_tables, op=give_back))
+        args = (channel, item, expires, self.names.wakeup, RETURN_TTL)
+        while True:
+            rows = await self._work.run(self._with_tables, _fetch, self._sql.give_back, *args)
+            if rows[0][0]:
+                return
+            # Another give-back took the position before the head at the same moment.
 
     async def flush(self) -> None:
         """Delete this cluster's waiting worker messages and large messages."""
@@ -547,38 +605,41 @@ class PgsqlDriver:
         async def flush(session: Session) -> None:
             for statement in (self._sql.flush_queue, self._sql.flush_large):
                 try:
-                    await session.fetch(statement)
+                    await session.execute(statement)
                 except Exception as exc:
-                    if sqlstate(exc) != UNDEFINED_TABLE:
+                    if sqlstate(exc) not in MISSING:
                         raise
 
         await self._work.run(flush)
 
     async def _with_tables(
-        self, session: Session, *args: Any, op: Callable[..., Awaitable[T]]
+        self, session: Session, op: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
-        """Run ``op`` after creating the cluster's tables if needed (also when someone
-        dropped them since)."""
+        """Run ``op`` after creating the cluster's tables and function if needed (also
+        when someone dropped them since)."""
         if not self._tables_ready:
             await self._create_tables(session)
         try:
             return await op(session, *args)
         except Exception as exc:
-            if sqlstate(exc) != UNDEFINED_TABLE:
+            if sqlstate(exc) not in MISSING:
                 raise
         # The statement failed as a whole, so running it again can't duplicate anything.
         await self._create_tables(session)
         return await op(session, *args)
 
     async def _create_tables(self, session: Session) -> None:
+        sql = self._sql
         async with session.transaction():
-            await session.fetch(DDL_LOCK)
-            rows = await session.fetch(TABLES_EXIST, self._sql.queue, self._sql.large)
-            queue_exists, large_exists = rows[0]
-            for statement in () if queue_exists else self._sql.create_queue:
-                await session.fetch(statement)
-            for statement in () if large_exists else self._sql.create_large:
-                await session.fetch(statement)
+            await session.execute(DDL_LOCK)
+            rows = await session.fetch(OBJECTS_EXIST, sql.queue, sql.large, sql.push_signature)
+            queue_exists, large_exists, push_exists = rows[0]
+            for statement in () if queue_exists else sql.create_queue:
+                await session.execute(statement)
+            for statement in () if push_exists else sql.create_push:
+                await session.execute(statement)
+            for statement in () if large_exists else sql.create_large:
+                await session.execute(statement)
         self._tables_ready = True
 
     def _wake(self, channel: str) -> None:
@@ -590,8 +651,8 @@ class PgsqlDriver:
             for event in events:
                 event.set()
 
-    def _report_expired(self, channel: str, count: int) -> None:
-        error = MessageExpired(count, [channel])
+    def _report_expired(self, count: int, channels: list[str]) -> None:
+        error = MessageExpired(count, channels)
         if self._deliver is not None:
             self._deliver.report(error, "delivery")
         else:
@@ -636,6 +697,11 @@ class PgsqlDriver:
         if self._listen_session is not None:
             session, self._listen_session = self._listen_session, None
             await self._dispose(session)
+        if self._backlog_task is not None:
+            backlog, self._backlog_task = self._backlog_task, None
+            backlog.cancel()
+            await asyncio.wait([backlog])
+        self._backlog.clear()
         # In-flight pops, and the give-backs they may start, finish before the connections
         # they use are closed.
         deadline = time.monotonic() + PING_TIMEOUT
@@ -643,6 +709,14 @@ class PgsqlDriver:
             await asyncio.wait(set(self._tasks), timeout=remaining)
         await self._out.close()
         await self._work.close()
+
+
+async def _notify_one(session: Session, channel: str, payload: str) -> None:
+    await session.execute(NOTIFY_ONE, channel, payload)
+
+
+async def _fetch(session: Session, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    return await session.fetch(statement, *args)
 
 
 def _first_line(error: BaseException) -> str:

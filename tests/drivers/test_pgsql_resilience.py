@@ -1,7 +1,9 @@
 """The pgsql driver when connections die: killed backends, a restarted server, a silent network.
 
 The restart tests run a private PostgreSQL (``postgres_server``); the shared server only
-ever sees ``pg_terminate_backend`` on a backend this test's driver opened.
+ever sees ``pg_terminate_backend`` on a backend this test's driver opened. One test runs
+part of itself in a child process (this module run as a program), so that a process that
+hangs can be seen hanging, and killed.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -298,3 +303,117 @@ async def test_a_broken_user_client_is_replaced_not_closed(pg_dsn: str, connecto
             await b.close()
     finally:
         await client.close()
+
+
+# A ping that times out on a connection that went silent
+#
+# Freeing a psycopg connection while a statement waits on it leaves that statement watching
+# the old socket number. The reconnect's new socket usually gets the same number: the
+# stale watcher then breaks the new connection's waits, or reads it through the freed
+# libpq connection, which once hung a benchmark process for good. The ping interval is not
+# a multiple of psycopg's 0.1 s polling, so the stale watcher is still there when the new
+# socket opens.
+
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = "tests.drivers.test_pgsql_resilience"
+FREEZE_ROUNDS = 10
+
+
+async def _silenced_mid_ping(dsn: str, proxied_dsn: str, rounds: int) -> None:
+    """The child: a listener behind the proxy, receiving a steady stream, is silenced
+    ``rounds`` times; each time its ping goes unanswered, and it must reconnect at the
+    first attempt and relay again."""
+    loop = asyncio.get_running_loop()
+    failures = _FailedReconnects()
+    logging.getLogger("crossws_channels.drivers.pgsql").addHandler(failures)
+    logging.getLogger("crossws_channels.drivers.pgsql").setLevel(logging.DEBUG)
+    channel = unique("silenced")
+    listener = PgsqlDriver("a", {"channel": channel, "dsn": proxied_dsn, "ping_interval": 0.25})
+    sender = PgsqlDriver("b", {"channel": channel, "dsn": dsn})
+    got = Collector()
+    try:
+        await listener.subscribe(got)
+        async with pinging(sender, every=0.002):
+            for i in range(rounds):
+                print("freeze", flush=True)
+                await loop.run_in_executor(None, sys.stdin.readline)
+                await got.wait_for(lambda c, i=i: len(c.lost) > i and c.made > i, timeout=10)
+                seen = len(pings(got))
+                await got.wait_for(lambda c, seen=seen: len(pings(c)) > seen + 10, timeout=10)
+        # The server answered all along: no attempt to reconnect may have failed (one that
+        # finds its new socket still watched for the old connection does).
+        print("recovered" if not failures.messages else f"failed: {failures.messages}", flush=True)
+    finally:
+        await listener.close()
+        await sender.close()
+
+
+class _FailedReconnects(logging.Handler):
+    """Collects the driver's "reconnecting failed" log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "reconnecting failed" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+async def test_a_ping_timing_out_never_frees_the_connection_under_it(pg_dsn: str) -> None:
+    """A ping stuck on a silent connection is made to fail before the connection is freed:
+    round after round the process reconnects and relays, and never hangs."""
+    port = int(psycopg.conninfo.conninfo_to_dict(pg_dsn).get("port") or 5432)
+    proxy = FreezingProxy(port)
+    await proxy.start()
+    proxied = psycopg.conninfo.make_conninfo(pg_dsn, port=proxy.port)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        MODULE,
+        pg_dsn,
+        proxied,
+        str(FREEZE_ROUNDS),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    async def drive() -> bool:
+        while line := await stdout.readline():
+            if line == b"freeze\n":
+                # Only the listener's connection goes through the proxy: nothing reaches
+                # it any more, so after ping_interval it pings, and gets no answer.
+                proxy.freeze()
+                stdin.write(b"frozen\n")
+                await stdin.drain()
+            elif line == b"recovered\n":
+                return True
+            else:
+                print(line.decode(errors="replace"), end="")
+        return False
+
+    try:
+        recovered = await asyncio.wait_for(drive(), 40)
+        await asyncio.wait_for(child.wait(), 10)
+    except asyncio.TimeoutError:
+        recovered = False
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        await proxy.close()
+    assert recovered, f"the child hung or failed (exit status {child.returncode})"
+    assert child.returncode == 0
+
+
+if __name__ == "__main__":
+    asyncio.run(_silenced_mid_ping(sys.argv[1], sys.argv[2], int(sys.argv[3])))

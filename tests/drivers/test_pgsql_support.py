@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 
+from crossws_channels.drivers._pgsql_options import Names
+from crossws_channels.drivers._pgsql_sql import PUSH_ARGUMENTS
 from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
 from tests.drivers.collector import Collector
 
@@ -74,12 +76,19 @@ async def listening_backend(dsn: str, application_name: str, timeout: float = 5.
 
 
 def drop_tables(dsn: str, channel: str) -> None:
-    """Drop the worker-queue and large-message tables of cluster ``channel``."""
+    """Drop the worker-queue and large-message tables of cluster ``channel``, and its
+    push function."""
     queue, large = table_names(channel)
+    push = Names.for_instance(channel, "any").push_function
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             psycopg.sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
                 psycopg.sql.Identifier(queue), psycopg.sql.Identifier(large)
+            )
+        )
+        conn.execute(
+            psycopg.sql.SQL("DROP FUNCTION IF EXISTS {}({})").format(
+                psycopg.sql.Identifier(push), psycopg.sql.SQL(PUSH_ARGUMENTS)
             )
         )
 
