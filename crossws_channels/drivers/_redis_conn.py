@@ -2,9 +2,18 @@
 
 redis-py and valkey-py share one API but ship partial types. The Protocols below name
 exactly what the driver uses, so the rest of the driver is checked against them and
-works with either library. Only ``Connection.connect/send_command/read_response/
-disconnect`` are used below the client, the part of the API that has stayed put across
-redis-py 5 to 8 and valkey-py 6.
+works with either library. Below the client only ``Connection.connect/send_command/
+send_packed_command/read_response/disconnect`` are used, the part of the API that has
+stayed put across redis-py 5 to 8 and valkey-py 6; and, to parse many replies per
+socket read, a connection's ``_reader`` stream and its parser's ``parse_error``, which
+:class:`ReplyReader` does without (more slowly) where they are missing.
+
+The driver's own connections have no socket timeout: redis-py would start a timer (and,
+for writes, a task) for every reply read and every write, which costs more than the
+rest of relaying a message. The driver bounds what it does itself instead: one timeout
+per exchange (:class:`CommandConnection`, a batch of publishes and all its replies), and
+a watchdog for the subscription, which waits for messages without any bound. The
+subscription is read by :class:`ReplyReader`, many messages per socket read.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-from collections.abc import Awaitable, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, cast
 
 from ._redis_config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
@@ -20,9 +30,14 @@ from ._redis_config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Conn
 __all__ = [
     "CLOSE_TIMEOUT",
     "Client",
+    "CommandConnection",
     "Connection",
     "ConnectionFactory",
+    "ReplyReader",
+    "bounded",
+    "bounded_compat",
     "disconnect_quietly",
+    "pack",
     "pool_from_url",
     "safe_client_name",
 ]
@@ -31,8 +46,6 @@ __all__ = [
 class Connection(Protocol):
     """One Redis connection (``redis.asyncio.connection.AbstractConnection``)."""
 
-    socket_timeout: float | None
-
     @property
     def is_connected(self) -> bool: ...
 
@@ -40,11 +53,11 @@ class Connection(Protocol):
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None: ...
 
+    async def send_packed_command(self, command: bytes, check_health: bool = ...) -> None: ...
+
     async def read_response(
         self, disable_decoding: bool = ..., timeout: float | None = ...
     ) -> Any: ...
-
-    async def can_read_destructive(self) -> bool: ...
 
     async def disconnect(self, nowait: bool = ...) -> None: ...
 
@@ -56,30 +69,10 @@ class Pool(Protocol):
     async def disconnect(self, inuse_connections: bool = ...) -> None: ...
 
 
-class Pipeline(Protocol):
-    def publish(self, channel: str, message: bytes) -> Any: ...
-
-    async def execute(self, raise_on_error: bool = ...) -> list[Any]: ...
-
-    async def reset(self) -> None: ...
-
-
-class Script(Protocol):
-    def __call__(
-        self, keys: Sequence[str] | None = ..., args: Sequence[Any] | None = ...
-    ) -> Awaitable[Any]: ...
-
-
 class Client(Protocol):
     """An asyncio client: ``redis.asyncio.Redis`` or ``valkey.asyncio.Valkey``."""
 
     connection_pool: Pool
-
-    def publish(self, channel: str, message: bytes) -> Awaitable[int]: ...
-
-    def pipeline(self, transaction: bool = ...) -> Pipeline: ...
-
-    def register_script(self, script: str) -> Script: ...
 
     def scan(
         self, cursor: int = ..., match: str | None = ..., count: int | None = ...
@@ -119,13 +112,12 @@ class ConnectionFactory:
     """Makes the driver's connections from a client's (or a URL's) connection settings.
 
     The driver opens every connection it uses itself, copying the settings of the pool it
-    was given (host, TLS, credentials, timeouts...): a client passed in is never
-    used for I/O, so it can't be tied to an event loop the driver no longer runs on, and
-    closing the driver never touches it. The copies override what the driver must
-    control: raw bytes (a garbage payload must not fail decoding inside the parser),
-    RESP2 (pub/sub messages arrive as plain replies), timeouts, and no automatic
-    retries (a write retried after the server may have run it would relay a message
-    twice).
+    was given (host, TLS, credentials...): a client passed in is never used for I/O, so
+    it can't be tied to an event loop the driver no longer runs on, and closing the
+    driver never touches it. The copies override what the driver must control: raw bytes
+    (a garbage payload must not fail decoding inside the parser), RESP2 (pub/sub
+    messages arrive as plain replies), timeouts, and no automatic retries (a write
+    retried after the server may have run it would relay a message twice).
     """
 
     def __init__(self, pool: Pool, connector: Connector) -> None:
@@ -141,41 +133,249 @@ class ConnectionFactory:
             retry_on_error=[],
             retry_on_timeout=False,
         )
-        if kwargs.get("socket_connect_timeout") is None:
-            kwargs["socket_connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+        connect_timeout = kwargs.get("socket_connect_timeout")
+        self.connect_timeout = float(connect_timeout or DEFAULT_CONNECT_TIMEOUT)
+        kwargs["socket_connect_timeout"] = self.connect_timeout
         # RESP3-only extras of redis-py 8 don't apply to a RESP2 connection.
         if "maint_notifications_config" in kwargs:
             kwargs["maint_notifications_config"] = None
         kwargs.pop("maint_notifications_pool_handler", None)
         timeout = configured.get("socket_timeout")
         self.socket_timeout: float = float(timeout) if timeout else DEFAULT_SOCKET_TIMEOUT
+        """How long one exchange with Redis may take (and a PING its reply)."""
         kwargs["socket_timeout"] = self.socket_timeout
         interval = configured.get("health_check_interval")
         self.health_check_interval: float | None = float(interval) if interval else None
         self.client_name: str | None = configured.get("client_name")
         self._kwargs = kwargs
+        # redis-py 8 renamed the check for a connection closed while idle; it does the
+        # same (nothing is read when nothing is expected).
+        self._idle_check = (
+            "can_read" if hasattr(self._class, "can_read") else "can_read_destructive"
+        )
+        exceptions = importlib.import_module(f"{connector}.exceptions")
+        self.reply_error: type[Exception] = exceptions.ResponseError
+        self.no_script_error: type[Exception] = exceptions.NoScriptError
 
-    def __call__(self, client_name: str, socket_timeout: float | None = None) -> Connection:
-        """One connection of the driver's own (subscribe, blocking pops)."""
+    def __call__(self, client_name: str) -> Connection:
+        """One connection of the driver's own, named ``client_name``.
+
+        It has no socket timeout (see the module docstring): whoever uses it bounds
+        connecting and every exchange, with :func:`bounded`.
+        """
         kwargs = dict(self._kwargs)
         kwargs["client_name"] = safe_client_name(client_name)
-        kwargs["socket_timeout"] = socket_timeout or self.socket_timeout
+        kwargs["socket_timeout"] = None
         return cast(Connection, self._class(**kwargs))
 
+    def command_name(self, fallback: str) -> str:
+        """The name of the command connections: the configured one, else ``fallback``."""
+        return self.client_name or fallback
+
+    async def closed_while_idle(self, connection: Connection) -> bool:
+        """Whether ``connection``, with no reply pending, has been closed by the server
+        (a restart, ``CLIENT KILL``) or has unexpected data waiting."""
+        try:
+            return bool(await getattr(connection, self._idle_check)())
+        except Exception:
+            return True
+
     def client(self, client_name: str) -> Client:
-        """A client for commands (publishes, scripts), over a pool of the driver's own.
+        """A client for occasional commands (``flush``), over a pool of the driver's own.
 
         Its connections are named ``client_name`` unless the settings name them; they
-        keep the configured health checks (a PING before a command on a connection idle
-        for longer).
+        keep the configured socket timeout and health checks.
         """
         module = importlib.import_module(f"{self._connector}.asyncio")
         kwargs = dict(self._kwargs)
-        kwargs["client_name"] = self.client_name or safe_client_name(client_name)
+        kwargs["client_name"] = self.command_name(safe_client_name(client_name))
         kwargs["health_check_interval"] = self.health_check_interval or 0
         pool = module.ConnectionPool(connection_class=self._class, **kwargs)
         client_class = module.Redis if self._connector == "redis" else module.Valkey
         return cast(Client, client_class(connection_pool=pool))
+
+
+class CommandConnection:
+    """One connection of the driver's own for commands and their replies.
+
+    :meth:`execute` writes a pre-packed buffer of commands in one write and reads their
+    replies (with a :class:`ReplyReader`), all under one timeout; callers take turns (in
+    order: an ``asyncio.Lock`` is fair), so the replies are theirs. It connects when
+    first used, and again after a failure or after the server closed it while idle, but
+    never re-sends anything: a command that may have reached Redis is not sent twice.
+    """
+
+    def __init__(self, connections: ConnectionFactory, client_name: str) -> None:
+        self._connections = connections
+        self._name = client_name
+        self._connection: Connection | None = None
+        self._reader: ReplyReader | None = None
+        self._turn = asyncio.Lock()
+        self._closed = False
+
+    async def execute(self, packed: bytes, replies: int, *, wait: float = 0.0) -> list[Any]:
+        """Send ``packed`` (``replies`` commands) and return the replies, in order.
+
+        A reply that is an error (``-ERR ...``) comes back as its exception object, so
+        the other replies are still read. Raises ``TimeoutError`` if Redis has not
+        answered within the socket timeout (plus ``wait``, for a blocking command, and
+        the connect timeout if a connection must be opened), and whatever the client
+        library raises when connecting or the connection breaks; the connection is
+        then dropped and the next call opens another.
+        """
+        connections = self._connections
+        bound = connections.socket_timeout + wait
+        current = self._connection
+        if current is None or not current.is_connected:
+            bound += connections.connect_timeout
+        try:
+            async with bounded(bound), self._turn:
+                connection, reader = await self._ready()
+                try:
+                    await connection.send_packed_command(packed, check_health=False)
+                    results: list[Any] = []
+                    while len(results) < replies:
+                        results += await reader.read()
+                except BaseException:
+                    await disconnect_quietly(connection, nowait=True)
+                    raise
+        except TimeoutError:
+            raise TimeoutError(f"Redis did not answer within {bound:g} s") from None
+        return results
+
+    async def _ready(self) -> tuple[Connection, ReplyReader]:
+        if self._closed:
+            raise RuntimeError("the connection was closed")
+        connection, reader = self._connection, self._reader
+        if connection is None:
+            connection = self._connection = self._connections(self._name)
+        elif connection.is_connected and reader is not None:
+            if not await reader.closed_while_idle():
+                return connection, reader
+            await disconnect_quietly(connection, nowait=True)
+        self._reader = None
+        try:
+            await connection.connect()
+        except BaseException:
+            await disconnect_quietly(connection, nowait=True)
+            raise
+        self._reader = reader = ReplyReader(connection, self._connections)
+        return connection, reader
+
+    async def close(self) -> None:
+        """Close the connection (bounded); refuse further use."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await disconnect_quietly(connection)
+
+
+class ReplyReader:
+    """Reads a connection's replies in batches: every complete reply one socket read
+    brought, with a single ``await``.
+
+    redis-py's ``read_response`` goes through three coroutines and a few checks for each
+    reply, which is a fair part of relaying a small message. With hiredis (which the
+    ``redis`` extra installs), this parses the connection's stream itself instead; the
+    client library's parser is then bypassed, so a connection read by a ``ReplyReader``
+    must be read only by it, and a new one is needed after every (re)connect. Without
+    hiredis, or with a client library whose connection does not read from an
+    ``asyncio.StreamReader``, it falls back to one ``read_response`` per call.
+
+    Error replies come back as exception objects (the class the client library would
+    raise), not raised: the replies after them are still read.
+    """
+
+    def __init__(self, connection: Connection, connections: ConnectionFactory) -> None:
+        self._connection = connection
+        self._connections = connections
+        reply_error = self._reply_error = connections.reply_error
+        stream = getattr(connection, "_reader", None)
+        self._stream = stream if isinstance(stream, asyncio.StreamReader) else None
+        # The client library's own mapping of error replies (NOSCRIPT -> NoScriptError...).
+        parse_error = getattr(getattr(connection, "_parser", None), "parse_error", None)
+        self._parser = _hiredis_reader(parse_error if callable(parse_error) else reply_error)
+
+    async def closed_while_idle(self) -> bool:
+        """Whether the server closed the connection (a restart, ``CLIENT KILL``) since
+        its last reply was read."""
+        stream = self._stream
+        if stream is None:
+            return await self._connections.closed_while_idle(self._connection)
+        return stream.at_eof() or stream.exception() is not None
+
+    async def read(self) -> list[Any]:
+        """The next replies (at least one), in order. Raises ``ConnectionError`` when
+        the server closed the connection."""
+        parser, stream = self._parser, self._stream
+        if parser is None or stream is None:
+            try:
+                return [await self._connection.read_response()]
+            except self._reply_error as exc:
+                return [exc]
+        replies: list[Any] = []
+        while True:
+            reply = parser.gets()
+            while reply is not False:
+                replies.append(reply)
+                reply = parser.gets()
+            if replies:
+                return replies
+            chunk = await stream.read(_READ_SIZE)
+            if not chunk:
+                raise ConnectionError("Redis closed the connection")
+            parser.feed(chunk)
+
+
+# How much a ReplyReader asks of its stream at once.
+_READ_SIZE = 65536
+
+
+def _hiredis_reader(reply_error: Callable[[str], Exception]) -> Any:
+    try:
+        import hiredis
+    except ImportError:  # the redis extra installs it; valkey-py does without
+        return None
+    return hiredis.Reader(replyError=reply_error)
+
+
+def pack(*args: bytes) -> bytes:
+    """One command in the Redis protocol (RESP), from its words."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+@contextlib.asynccontextmanager
+async def bounded_compat(delay: float) -> AsyncIterator[None]:
+    """``asyncio.timeout(delay)`` for Python 3.10: raise ``TimeoutError`` if the block
+    takes longer than ``delay`` seconds (by cancelling the task running it)."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("bounded() must be used inside a task")
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(delay, expire)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
+
+
+if sys.version_info >= (3, 11):
+    bounded = asyncio.timeout
+else:
+    bounded = bounded_compat
 
 
 async def disconnect_quietly(connection: Connection, *, nowait: bool = False) -> None:

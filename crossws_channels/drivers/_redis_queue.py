@@ -1,24 +1,28 @@
 """The redis driver's worker-channel queues: one Redis list per worker channel.
 
-A push runs a Lua script that, atomically, drops expired messages from the head,
-refuses when ``capacity`` messages still wait, appends, and stretches the list's TTL to
-the newest message's deadline (so a queue nobody reads disappears by itself). Items are
-stored as ``<deadline in ms, server clock>:<item>``: deadlines come from one clock, the
-server's, whatever the clocks of the hosts that push. Pops use ``BLPOP`` on connections
-of the driver's own, one per pop in progress, so a waiting receiver never holds up a
-publish and several worker channels can be popped at once.
+A push runs a Lua script that, atomically, refuses when ``capacity`` unexpired messages
+wait, appends, and keeps the list's TTL at least as long as the newest message's
+deadline (so a queue nobody reads disappears by itself). Items are stored as
+``<deadline in ms, server clock>:<item>``: deadlines come from one clock, the server's,
+whatever the clocks of the hosts that push.
+
+Everything goes over connections of the driver's own, with pre-packed commands
+(:class:`CommandConnection`): pushes and returns over one, and pops (``BLPOP``) over one
+per pop in progress, so a waiting receiver never holds up a publish or a push, and
+several worker channels can be popped at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections import OrderedDict
 from typing import Any
 
 from ._redis_config import WireNames
-from ._redis_conn import Client, Connection, ConnectionFactory, Script, disconnect_quietly
+from ._redis_conn import CommandConnection, ConnectionFactory, pack
 
 __all__ = ["POP_SLICE", "WorkerQueues"]
 
@@ -29,25 +33,33 @@ POP_SLICE = 5.0
 # How many popped items remember their deadline, for an eventual ``queue_return``.
 _RETURN_MEMORY = 1024
 
+# How many worker channels remember their key, packed for commands.
+_KEY_MEMORY = 1024
+
 _PUSH_SCRIPT = """
 -- KEYS[1]: the queue; ARGV: item, capacity, time to live in ms.
--- Stored items are "<deadline ms, server clock>:<item>". Expired items at the head are
--- dropped first, so messages no one will read do not count against the capacity.
+-- Stored items are "<deadline ms, server clock>:<item>". Only live items count against
+-- the capacity: when the list looks full, expired items at its head are dropped first
+-- (below the capacity there is nothing to gain from looking).
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local head = redis.call('LINDEX', KEYS[1], 0)
-while head do
-  local deadline = tonumber(string.match(head, '^(%d+):'))
-  if deadline == nil or deadline > now then break end
-  redis.call('LPOP', KEYS[1])
-  head = redis.call('LINDEX', KEYS[1], 0)
-end
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
+local capacity = tonumber(ARGV[2])
+if redis.call('LLEN', KEYS[1]) >= capacity then
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  while head do
+    local deadline = tonumber(string.match(head, '^(%d+):'))
+    if deadline == nil or deadline > now then break end
+    redis.call('LPOP', KEYS[1])
+    head = redis.call('LINDEX', KEYS[1], 0)
+  end
+  if redis.call('LLEN', KEYS[1]) >= capacity then
+    return 0
+  end
 end
 local ttl = tonumber(ARGV[3])
-redis.call('RPUSH', KEYS[1], string.format('%d:', now + ttl) .. ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then
+local length = redis.call('RPUSH', KEYS[1], string.format('%d:', now + ttl) .. ARGV[1])
+-- A new list has no TTL; an older one keeps its TTL if that outlasts this item.
+if length == 1 or redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return 1
@@ -75,46 +87,84 @@ return 1
 _RETURN_FALLBACK_TTL_MS = 60_000
 
 
+class _Script:
+    """A Lua script run by ``EVALSHA``, and by ``EVAL`` when the server lacks it (after a
+    restart or ``SCRIPT FLUSH``), which also loads it again."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode("utf-8")
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode("ascii")
+
+    async def run(
+        self, connection: CommandConnection, no_script: type[Exception], *words: bytes
+    ) -> Any:
+        (reply,) = await connection.execute(pack(b"EVALSHA", self.sha, b"1", *words), 1)
+        if isinstance(reply, no_script):
+            # NOSCRIPT: nothing ran, so running it now can't do it twice.
+            (reply,) = await connection.execute(pack(b"EVAL", self.source, b"1", *words), 1)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+_PUSH = _Script(_PUSH_SCRIPT)
+_RETURN = _Script(_RETURN_SCRIPT)
+
+
 class WorkerQueues:
-    """The queue operations of one driver, and the pop connections they use."""
+    """The queue operations of one driver, and the connections they use."""
 
     def __init__(
-        self, client: Client, connections: ConnectionFactory, names: WireNames, instance_id: str
+        self,
+        pusher: CommandConnection,
+        connections: ConnectionFactory,
+        names: WireNames,
+        instance_id: str,
     ) -> None:
-        self._client = client
+        self._pusher = pusher
         self._connections = connections
         self._names = names
         self._pop_name = f"crossws_channels:pop:{instance_id}"
-        self._idle: list[Connection] = []
-        self._busy: set[Connection] = set()
+        self._idle: list[CommandConnection] = []
+        self._busy: set[CommandConnection] = set()
         self._released = False
-        self._push_script: Script | None = None
-        self._return_script: Script | None = None
+        self._keys: dict[str, bytes] = {}
         self._deadlines: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
+    def _key(self, channel: str) -> bytes:
+        key = self._keys.get(channel)
+        if key is None:
+            if len(self._keys) >= _KEY_MEMORY:
+                self._keys.clear()
+            key = self._keys[channel] = self._names.queue(channel).encode("utf-8")
+        return key
+
     async def push(self, channel: str, item: str, capacity: int, expires: float) -> bool:
-        if self._push_script is None:
-            self._push_script = self._client.register_script(_PUSH_SCRIPT)
         # A time to live rather than the deadline itself: the script adds it to the
         # server's clock, so hosts with skewed clocks still agree.
         ttl = max(1, min(math.ceil((expires - time.time()) * 1000), 2**47))
-        pushed = await self._push_script(
-            keys=[self._names.queue(channel)], args=[item.encode("utf-8"), capacity, ttl]
+        pushed = await _PUSH.run(
+            self._pusher,
+            self._connections.no_script_error,
+            self._key(channel),
+            item.encode("utf-8"),
+            b"%d" % capacity,
+            b"%d" % ttl,
         )
         return int(pushed) == 1
 
     async def pop(self, channel: str, timeout: float) -> str | None:
-        key = self._names.queue(channel)
+        key = self._key(channel)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.0)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                stored = await self._command("LPOP", key)
+                stored = await self._command(pack(b"LPOP", key), 0.0)
             else:
                 # BLPOP 0 would block forever: never send less than a millisecond.
                 wait = max(min(remaining, POP_SLICE), 0.001)
-                reply = await self._command("BLPOP", key, f"{wait:.3f}")
+                reply = await self._command(pack(b"BLPOP", key, b"%.3f" % wait), wait)
                 stored = reply[1] if reply is not None else None
             if stored is not None:
                 return self._unwrap(channel, bytes(stored))
@@ -122,23 +172,24 @@ class WorkerQueues:
                 return None
 
     async def give_back(self, channel: str, item: str) -> None:
-        if self._return_script is None:
-            self._return_script = self._client.register_script(_RETURN_SCRIPT)
         raw = item.encode("utf-8")
         deadline = self._deadlines.pop((channel, raw), b"")
-        await self._return_script(
-            keys=[self._names.queue(channel)],
-            args=[deadline + b":" + raw, _RETURN_FALLBACK_TTL_MS],
+        await _RETURN.run(
+            self._pusher,
+            self._connections.no_script_error,
+            self._key(channel),
+            deadline + b":" + raw,
+            b"%d" % _RETURN_FALLBACK_TTL_MS,
         )
 
     def forget(self) -> None:
         """Drop remembered deadlines (after a flush deleted the queues)."""
         self._deadlines.clear()
 
-    def release(self) -> list[Connection]:
-        """Hand over every pop connection, for the driver to close; open no more."""
+    def release(self) -> list[CommandConnection]:
+        """Hand over every connection, for the driver to close; open no more."""
         self._released = True
-        connections = [*self._idle, *self._busy]
+        connections = [self._pusher, *self._idle, *self._busy]
         self._idle.clear()
         self._busy.clear()
         return connections
@@ -150,35 +201,22 @@ class WorkerQueues:
             self._deadlines.popitem(last=False)
         return raw.decode("utf-8")
 
-    async def _command(self, *args: Any) -> Any:
+    async def _command(self, packed: bytes, wait: float) -> Any:
+        """Run one pop command on an idle pop connection (or a new one)."""
+        if self._released:
+            raise RuntimeError("the redis driver is closed")
         connection = (
-            self._idle.pop()
-            if self._idle
-            else self._connections(
-                self._pop_name, socket_timeout=POP_SLICE + self._connections.socket_timeout
-            )
+            self._idle.pop() if self._idle else CommandConnection(self._connections, self._pop_name)
         )
         self._busy.add(connection)
         try:
-            if connection.is_connected:
-                try:
-                    # An idle connection the server closed (a restart) reads as EOF;
-                    # find out before sending rather than lose a popped item to it.
-                    stale = await connection.can_read_destructive()
-                except Exception:
-                    stale = True
-                if stale:
-                    await disconnect_quietly(connection, nowait=True)
-            await connection.connect()
-            await connection.send_command(*args)
-            reply = await connection.read_response()
-        except BaseException:
+            (reply,) = await connection.execute(packed, 1, wait=wait)
+        finally:
             self._busy.discard(connection)
-            await disconnect_quietly(connection, nowait=True)
-            raise
-        self._busy.discard(connection)
-        if self._released:
-            await disconnect_quietly(connection)
-        else:
-            self._idle.append(connection)
+            if self._released:
+                await connection.close()
+            else:
+                self._idle.append(connection)
+        if isinstance(reply, Exception):
+            raise reply
         return reply

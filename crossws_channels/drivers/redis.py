@@ -5,10 +5,13 @@ named exactly ``channel`` (shared with crossws's ``redis({channel})``), direct s
 a channel only the owning instance subscribes to, and keeps worker-channel queues under
 this cluster's key prefix (see :class:`WireNames`). It holds:
 
-- a command client, over a connection pool of its own, for publishes, pipelines and
-  queue scripts;
-- one subscribe connection, kept alive by a supervised listener task;
-- a few connections for blocking pops, so a waiting ``BLPOP`` never holds up a publish.
+- one connection for publishes: a batch of them is packed into one buffer, written at
+  once, and its replies read under one timeout;
+- one connection for queue pushes (a Lua script) and returns;
+- one subscribe connection, read by a supervised listener task without a timeout per
+  message, and watched for silence by a watchdog that PINGs it;
+- a few connections for blocking pops, so a waiting ``BLPOP`` never holds up a publish;
+- a client over a pool of its own for the odd command (``flush``).
 
 All of them are made from the settings of ``url`` or of the ``client`` passed in (see
 :class:`ConnectionFactory`); a client passed in is never used itself. Every method runs
@@ -23,17 +26,20 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from crossws_channels.errors import ConfigurationError
 
 from ._redis_config import DRIVER_KEYS, RedisOptions, WireNames
 from ._redis_conn import (
     CLOSE_TIMEOUT,
-    Client,
+    CommandConnection,
     Connection,
     ConnectionFactory,
+    ReplyReader,
+    bounded,
     disconnect_quietly,
+    pack,
     pool_from_url,
 )
 from ._redis_queue import WorkerQueues
@@ -52,8 +58,16 @@ BACKOFF_MAX = 1.0
 
 # The subscribe connection pings after this long without traffic (unless the URL or
 # client sets ``health_check_interval``) and gives up on it when the reply takes longer
-# than the socket timeout: a half-open connection is noticed within their sum.
+# than the socket timeout: a half-open connection is noticed within their sum (and a
+# quarter of the smaller of the two, how often the watchdog looks).
 IDLE_PING_INTERVAL = 10.0
+
+# The header of a PUBLISH command, before the channel name; the message follows it.
+_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
+_PING = pack(b"PING")
+
+# Packed PUBLISH headers remembered for direct sends (one per target instance).
+_HEADER_MEMORY = 1024
 
 
 class RedisDriver:
@@ -82,51 +96,68 @@ class RedisDriver:
                 raise ConfigurationError(f"can't be used: {exc}", key="url") from exc
         else:
             settings = self.options.client.connection_pool
-        self._connections = ConnectionFactory(settings, self.options.connector)
-        self._client = self._connections.client(f"crossws_channels:cmd:{instance_id}")
+        self._connections = connections = ConnectionFactory(settings, self.options.connector)
+        command_name = connections.command_name(f"crossws_channels:cmd:{instance_id}")
+        self._client = connections.client(command_name)
+        self._publisher = CommandConnection(connections, command_name)
+        self._broadcast_header = _publish_header(self.names.broadcast)
+        self._direct_headers: dict[str, bytes] = {}
         self._closed = False
         self._deliver: Deliver | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscriber: Connection | None = None
-        self._queues = WorkerQueues(self._client, self._connections, self.names, instance_id)
+        self._heard = 0  # reads that brought replies on the subscription, for the watchdog
+        pusher = CommandConnection(connections, command_name)
+        self._queues = WorkerQueues(pusher, connections, self.names, instance_id)
 
     def __repr__(self) -> str:
         return f"<RedisDriver channel={self.options.channel!r} instance={self.instance_id!r}>"
 
-    def _require_open(self) -> Client:
+    def _require_open(self) -> None:
         if self._closed:
             raise RuntimeError("the redis driver is closed")
-        return self._client
 
     # Relay out
 
     async def publish(self, envelope: str, /) -> None:
         """PUBLISH ``envelope`` on the cluster's broadcast channel."""
-        await self._require_open().publish(self.names.broadcast, envelope.encode("utf-8"))
+        self._require_open()
+        data = envelope.encode("utf-8")
+        packed = b"%b$%d\r\n%b\r\n" % (self._broadcast_header, len(data), data)
+        _raise_first(await self._publisher.execute(packed, 1))
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """PUBLISH ``envelope`` on the channel only ``instance_id`` subscribes to."""
-        await self._require_open().publish(self.names.direct(instance_id), envelope.encode("utf-8"))
+        self._require_open()
+        data = envelope.encode("utf-8")
+        packed = b"%b$%d\r\n%b\r\n" % (self._direct_header(instance_id), len(data), data)
+        _raise_first(await self._publisher.execute(packed, 1))
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
-        """PUBLISH every message of ``batch``, in order, in one pipelined round trip."""
-        client = self._require_open()
+        """PUBLISH every message of ``batch``, in order, in one write and one round trip.
+
+        Raises the first error Redis replied with (after reading every reply), or the
+        error that broke the exchange; nothing is sent again.
+        """
+        self._require_open()
         if not batch:
             return
-        if len(batch) == 1:
-            target, envelope = batch[0]
-            name = self.names.broadcast if target is None else self.names.direct(target)
-            await client.publish(name, envelope.encode("utf-8"))
-            return
-        # Not a transaction: MULTI/EXEC would buy nothing here and cost two commands.
-        pipe = client.pipeline(transaction=False)
-        try:
-            for target, envelope in batch:
-                name = self.names.broadcast if target is None else self.names.direct(target)
-                pipe.publish(name, envelope.encode("utf-8"))
-            await pipe.execute()
-        finally:
-            await pipe.reset()
+        broadcast = self._broadcast_header
+        parts: list[bytes] = []
+        for target, envelope in batch:
+            data = envelope.encode("utf-8")
+            header = broadcast if target is None else self._direct_header(target)
+            parts.append(b"%b$%d\r\n%b\r\n" % (header, len(data), data))
+        _raise_first(await self._publisher.execute(b"".join(parts), len(parts)))
+
+    def _direct_header(self, instance_id: str) -> bytes:
+        header = self._direct_headers.get(instance_id)
+        if header is None:
+            if len(self._direct_headers) >= _HEADER_MEMORY:
+                self._direct_headers.clear()
+            header = _publish_header(self.names.direct(instance_id))
+            self._direct_headers[instance_id] = header
+        return header
 
     # Relay in
 
@@ -137,53 +168,60 @@ class RedisDriver:
         if self._listener is not None:
             raise RuntimeError("the redis driver is already subscribed")
         self._deliver = deliver
-        connection = await self._open_subscription()
+        connection, replies = await self._open_subscription()
         if self._closed:  # close() ran while we were connecting
             await disconnect_quietly(connection)
             raise RuntimeError("the redis driver was closed while subscribing")
         self._listener = asyncio.get_running_loop().create_task(
-            self._listen(connection), name=f"crossws_channels redis listener {self._direct}"
+            self._listen(connection, replies),
+            name=f"crossws_channels redis listener {self._direct}",
         )
 
-    async def _open_subscription(self) -> Connection:
-        connection = self._connections(f"crossws_channels:sub:{self.instance_id}")
+    async def _open_subscription(self) -> tuple[Connection, ReplyReader]:
+        """Connect and SUBSCRIBE; return once Redis confirmed both channels."""
+        connections = self._connections
+        connection = connections(f"crossws_channels:sub:{self.instance_id}")
         self._subscriber = connection
+        bound = connections.connect_timeout + connections.socket_timeout
         try:
-            await connection.connect()
-            await connection.send_command("SUBSCRIBE", self.names.broadcast, self._direct)
-            confirmed = 0
-            while confirmed < 2:
-                reply = await connection.read_response(timeout=self._connections.socket_timeout)
-                if reply is None:
-                    raise TimeoutError(
-                        f"Redis did not confirm SUBSCRIBE within "
-                        f"{self._connections.socket_timeout} s"
-                    )
-                if _kind(reply) == b"subscribe":
-                    confirmed += 1
-                else:
-                    self._handle(reply)
-        except BaseException:
+            async with bounded(bound):
+                await connection.connect()
+                replies = ReplyReader(connection, connections)
+                await connection.send_command("SUBSCRIBE", self.names.broadcast, self._direct)
+                confirmed = 0
+                while confirmed < 2:
+                    for reply in await replies.read():
+                        if _kind(reply) == b"subscribe":
+                            confirmed += 1
+                        else:
+                            self._handle(reply)
+        except BaseException as exc:
             await disconnect_quietly(connection, nowait=True)
             if self._subscriber is connection:
                 self._subscriber = None
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(
+                    f"Redis did not accept the connection and confirm SUBSCRIBE within {bound:g} s"
+                ) from None
             raise
-        return connection
+        return connection, replies
 
-    async def _listen(self, connection: Connection) -> None:
+    async def _listen(self, connection: Connection, replies: ReplyReader) -> None:
         """Pump messages into ``deliver``; on failure, reconnect and resubscribe."""
         try:
             while True:
                 try:
-                    await self._pump(connection)
+                    await self._pump(connection, replies)
                 except Exception as exc:
-                    connection = await self._recover(connection, exc)
+                    connection, replies = await self._recover(connection, exc)
         finally:
             if self._subscriber is not None:
                 await disconnect_quietly(self._subscriber, nowait=True)
                 self._subscriber = None
 
-    async def _recover(self, broken: Connection, error: Exception) -> Connection:
+    async def _recover(
+        self, broken: Connection, error: Exception
+    ) -> tuple[Connection, ReplyReader]:
         await disconnect_quietly(broken, nowait=True)
         self._subscriber = None
         started = time.monotonic()
@@ -200,7 +238,7 @@ class RedisDriver:
             await asyncio.sleep(random.uniform(delay / 2, delay))
             attempts += 1
             try:
-                connection = await self._open_subscription()
+                opened = await self._open_subscription()
             except Exception as exc:
                 logger.debug("redis resubscribe attempt %d failed: %s", attempts, exc)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -212,31 +250,70 @@ class RedisDriver:
                 attempts,
             )
             self._notify("connection_made")
-            return connection
+            return opened
 
-    async def _pump(self, connection: Connection) -> None:
+    async def _pump(self, connection: Connection, replies: ReplyReader) -> None:
+        """Read the subscription until it fails, or until the watchdog gives up on it."""
+        reader = asyncio.get_running_loop().create_task(
+            self._read(replies), name=f"crossws_channels redis reader {self._direct}"
+        )
+        try:
+            await self._watch(connection, reader)
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
+            if not reader.cancelled():
+                reader.exception()  # retrieved: the watchdog's own error is the one raised
+
+    async def _read(self, replies: ReplyReader) -> NoReturn:
+        # The hot path: no timer (the watchdog bounds silence), and every message that
+        # one socket read brought handled in one go.
+        read = replies.read
+        deliver = self._deliver
+        if deliver is None:
+            raise RuntimeError("the redis driver reads before subscribe() set deliver")
+        while True:
+            batch = await read()
+            self._heard += 1
+            for reply in batch:
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                    data = reply[2]
+                    try:
+                        deliver(data)
+                    except Exception:
+                        # Deliver promises not to raise; if it does anyway, the listener
+                        # must live on.
+                        logger.exception("deliver raised on a %d-byte message", len(data))
+
+    async def _watch(self, connection: Connection, reader: asyncio.Task[NoReturn]) -> None:
+        """Return (raising) when ``reader`` fails, or when the connection has been
+        silent for ``health_check_interval`` and then left a PING unanswered for the
+        socket timeout: silence may be a quiet channel or a dead peer, and a PING tells
+        them apart."""
         loop = asyncio.get_running_loop()
         interval = self._connections.health_check_interval or IDLE_PING_INTERVAL
         patience = self._connections.socket_timeout
-        last_heard = loop.time()
+        tick = min(interval, patience) / 4
+        heard = self._heard
+        quiet_since = loop.time()
         pinged_at: float | None = None
         while True:
+            await asyncio.wait([reader], timeout=tick)
+            if reader.done():
+                reader.result()  # raises what broke the connection
             now = loop.time()
-            due = last_heard + interval if pinged_at is None else pinged_at + patience
-            reply = await connection.read_response(timeout=max(due - now, 0.01))
-            now = loop.time()
-            if reply is not None:
-                last_heard, pinged_at = now, None
-                self._handle(reply)
+            if self._heard != heard:
+                heard, quiet_since, pinged_at = self._heard, now, None
             elif pinged_at is not None:
-                if now >= pinged_at + patience:
-                    raise TimeoutError(f"no reply to PING within {patience} s")
-            elif now >= last_heard + interval:
-                # Silence may be a quiet channel or a dead peer; a PING tells them apart.
-                await connection.send_command("PING", check_health=False)
+                if now - pinged_at >= patience:
+                    raise TimeoutError(f"no reply to PING within {patience:g} s")
+            elif now - quiet_since >= interval:
+                async with bounded(patience):
+                    await connection.send_packed_command(_PING, check_health=False)
                 pinged_at = now
 
     def _handle(self, reply: Any) -> None:
+        """Deliver ``reply`` if it is a message (while subscribing; ``_read`` inlines it)."""
         if _kind(reply) != b"message" or len(reply) != 3:
             return  # PING replies, subscription confirmations
         data = reply[2]
@@ -264,7 +341,8 @@ class RedisDriver:
     # Worker channels
 
     async def queue_push(self, channel: str, item: str, capacity: int, expires: float, /) -> bool:
-        """Append ``item`` unless ``capacity`` unexpired items wait; atomic (Lua)."""
+        """Append ``item`` unless ``capacity`` unexpired items wait; atomic (Lua), on a
+        connection of its own."""
         self._require_open()
         return await self._queues.push(channel, item, capacity, expires)
 
@@ -280,7 +358,8 @@ class RedisDriver:
 
     async def flush(self) -> None:
         """Delete this cluster's keys (SCAN by prefix, UNLINK); nothing else."""
-        client = self._require_open()
+        self._require_open()
+        client = self._client
         cursor = 0
         while True:
             cursor, keys = await client.scan(cursor, match=self.names.key_pattern, count=1000)
@@ -303,11 +382,11 @@ class RedisDriver:
         if listener is not None:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
-        connections = self._queues.release()
+        closing = [connection.close() for connection in self._queues.release()]
+        closing.append(self._publisher.close())
         if self._subscriber is not None:
-            connections.append(self._subscriber)
+            closing.append(disconnect_quietly(self._subscriber))
         self._subscriber = None
-        closing = [disconnect_quietly(connection) for connection in connections]
         closing.append(self._close_client())
         await asyncio.gather(*closing)
         self._deliver = None
@@ -322,6 +401,17 @@ class RedisDriver:
                 await self.options.client.aclose()
         except Exception:
             logger.warning("closing the redis driver's connection pool failed", exc_info=True)
+
+
+def _publish_header(channel: str) -> bytes:
+    name = channel.encode("utf-8")
+    return b"%b$%d\r\n%b\r\n" % (_PUBLISH, len(name), name)
+
+
+def _raise_first(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _kind(reply: Any) -> bytes | None:

@@ -24,12 +24,13 @@ from crossws_channels.drivers import (
     SupportsFlush,
     SupportsWorkerQueue,
 )
+from crossws_channels.drivers._redis_conn import bounded_compat
 from crossws_channels.drivers.redis import RedisDriver, WireNames
 from crossws_channels.envelope import SyncMessage, decode_envelope, encode_envelope
 from crossws_channels.errors import ConfigurationError
 from tests.drivers._redis_support import client_list, named, raw_client, subscribed, unique
 from tests.drivers.collector import Collector
-from tests.servers import free_port, wait_for_port
+from tests.servers import RedisServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.redis
 
@@ -311,6 +312,55 @@ async def test_non_ascii_and_binary_envelopes_survive(redis_url: str) -> None:
         ]
 
 
+async def test_refused_publishes_raise_and_the_rest_go_through(redis_server: RedisServer) -> None:
+    """A PUBLISH Redis refuses (here an ACL without the channel) raises out of publish_to
+    and publish_batch, the other messages of the batch are relayed, and the connection
+    keeps working."""
+    async with raw_client(redis_server.url) as raw:
+        rules = ["on", "nopass", "resetchannels", "&allowed-*", "~*", "+@all"]
+        await raw.execute_command("ACL", "SETUSER", "limited", *rules)  # type: ignore[no-untyped-call]
+        channel = unique("allowed")
+        url = f"redis://limited:x@127.0.0.1:{redis_server.port}/0"
+        driver = RedisDriver(unique("i"), {"channel": channel, "url": url})
+        pubsub = raw.pubsub()
+        await pubsub.subscribe(channel)
+        try:
+            with pytest.raises(redis.exceptions.NoPermissionError, match="channels"):
+                await driver.publish_to("elsewhere", "refused")
+            with pytest.raises(redis.exceptions.NoPermissionError, match="channels"):
+                await driver.publish_batch([(None, "a"), ("elsewhere", "b"), (None, "c")])
+            await driver.publish("d")
+            received: list[bytes] = []
+            while len(received) < 3:
+                message = await pubsub.get_message(timeout=2)
+                assert message is not None
+                if message["type"] == "message":
+                    received.append(message["data"])
+            assert received == [b"a", b"c", b"d"]
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await driver.close()
+
+
+async def test_relays_the_same_without_hiredis(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without hiredis every connection is read reply by reply through the client
+    library, with the same results."""
+    monkeypatch.setattr("crossws_channels.drivers._redis_conn._hiredis_reader", lambda _error: None)
+    channel = unique("c")
+    async with (
+        subscribed(redis_url, channel) as (a, _),
+        subscribed(redis_url, channel) as (_b, got),
+    ):
+        await a.publish_batch([(None, f"m{i}") for i in range(500)])
+        await got.wait_for(lambda c: len(c.raw) == 500)
+        assert got.raw == [f"m{i}".encode() for i in range(500)]
+        assert await a.queue_push("w", "job", 5, time.time() + 5)
+        assert await a.queue_pop("w", 1) == "job"
+        await a.flush()
+
+
 # Malformed traffic
 
 
@@ -494,6 +544,30 @@ async def test_unix_socket_url(unix_socket_redis: str) -> None:
         await got.wait_for(lambda c: c.raw == [b"over-unix"])
         assert await a.queue_push("w", "job", 5, time.time() + 5)
         assert await a.queue_pop("w", 1) == "job"
+
+
+# Internals
+
+
+async def test_bounded_compat_times_out_and_lets_cancellation_through() -> None:
+    """The Python 3.10 stand-in for asyncio.timeout raises TimeoutError when its block
+    overruns, stays silent when it does not, and leaves a cancellation from outside a
+    cancellation."""
+    with pytest.raises(TimeoutError):
+        async with bounded_compat(0.05):
+            await asyncio.sleep(1)
+    async with bounded_compat(1):
+        await asyncio.sleep(0.01)
+
+    async def wait_long() -> None:
+        async with bounded_compat(5):
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(wait_long())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 # Lifecycle

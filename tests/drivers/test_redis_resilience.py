@@ -105,6 +105,20 @@ async def test_hung_server_is_noticed_by_the_health_check(redis_server: RedisSer
         await _until_relayed(redis_server.url, channel, got)
 
 
+async def test_a_quiet_healthy_subscription_is_kept(redis_server: RedisServer) -> None:
+    """A subscription with no traffic answers the watchdog's PINGs and is never given
+    up, however many intervals pass."""
+    channel = unique("c")
+    url = f"{redis_server.url}?health_check_interval=1&socket_timeout=0.3"
+    async with subscribed(url, channel) as (_driver, got):
+        await asyncio.sleep(3.5)  # three PINGs, each answered within 0.3 s
+        assert got.lost == []
+        async with raw_client(redis_server.url) as raw:
+            stats = await raw.info("commandstats")
+        assert stats["cmdstat_ping"]["calls"] >= 3
+        await _until_relayed(redis_server.url, channel, got)
+
+
 async def test_publish_raises_while_down_and_works_after(redis_server: RedisServer) -> None:
     """While Redis is down publish() raises (the layer reports it); once it is back, the
     driver's pooled connections recover by themselves."""
@@ -123,6 +137,45 @@ async def test_publish_raises_while_down_and_works_after(redis_server: RedisServ
         assert b"during" not in got.raw
         assert await driver.queue_push("w", "job", 5, time.time() + 5)
         assert await driver.queue_pop("w", 1) == "job"
+
+
+async def test_publish_to_a_hung_server_times_out_and_recovers(redis_server: RedisServer) -> None:
+    """A publish to a server that stopped answering raises TimeoutError within the socket
+    timeout instead of hanging, and once the server answers again publishing works."""
+    channel = unique("c")
+    url = f"{redis_server.url}?socket_timeout=0.5"
+    assert redis_server.process is not None
+    async with subscribed(redis_server.url, channel) as (_listener, got):
+        driver = RedisDriver(unique("i"), {"channel": channel, "url": url})
+        try:
+            await driver.publish("before")
+            with paused(redis_server.process.pid):
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await driver.publish_batch([(None, "during-1"), (None, "during-2")])
+                assert time.monotonic() - started < 2.0
+            await driver.publish("after")
+            await got.wait_for(lambda c: b"after" in c.raw)
+        finally:
+            await driver.close()
+
+
+async def test_pushes_go_on_after_the_server_forgot_the_script(
+    redis_server: RedisServer,
+) -> None:
+    """After SCRIPT FLUSH (as after a restart) a push sends its script again, once, and
+    every item is queued exactly once."""
+    driver = RedisDriver(unique("i"), {"channel": unique("c"), "url": redis_server.url})
+    try:
+        assert await driver.queue_push("w", "one", 5, time.time() + 5)
+        async with raw_client(redis_server.url) as raw:
+            await raw.script_flush()
+        assert await driver.queue_push("w", "two", 5, time.time() + 5)
+        await driver.queue_return("w", "zero")
+        assert [await driver.queue_pop("w", 1) for _ in range(3)] == ["zero", "one", "two"]
+        assert await driver.queue_pop("w", 0) is None
+    finally:
+        await driver.close()
 
 
 async def test_pops_survive_a_restart_between_calls(redis_server: RedisServer) -> None:
