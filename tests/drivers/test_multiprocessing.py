@@ -154,9 +154,7 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def start_worker(
-    instance: str, channel: str, socket_dir: Path, mode: str
-) -> subprocess.Popen[str]:
+def start_worker(instance: str, channel: str, socket_dir: Path, mode: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-c", WORKER_SCRIPT, instance, channel, str(socket_dir), mode],
         stdin=subprocess.DEVNULL,
@@ -608,9 +606,7 @@ async def test_pop_resumes_after_relay_restart(
     assert await asyncio.wait_for(waiting, 5) == "after restart"
 
 
-async def test_no_relay_fails_loudly_at_subscribe(
-    make_driver: MakeDriver, channel: str
-) -> None:
+async def test_no_relay_fails_loudly_at_subscribe(make_driver: MakeDriver, channel: str) -> None:
     """Without a relay, subscribe raises RelayUnavailable saying how to start one."""
     with pytest.raises(RelayUnavailable) as missing:
         await make_driver("A")
@@ -748,8 +744,15 @@ async def test_another_user_cannot_connect_or_inject(
     """Another uid is kept out by the 0700 directory, and by SO_PEERCRED if that fails."""
     _a, seen_a = await make_driver("A")
     command = [
-        "runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", INTRUDER_SCRIPT,
-        str(relay.path), relay.channel,
+        "runuser",
+        "-u",
+        "nobody",
+        "--",
+        "/usr/bin/python3",
+        "-c",
+        INTRUDER_SCRIPT,
+        str(relay.path),
+        relay.channel,
     ]
 
     def intrude() -> str:
@@ -890,9 +893,7 @@ if mode == "linger":
 """
 
 
-def run_primary(
-    channel: str, socket_dir: Path, mode: str, **env: str
-) -> subprocess.Popen[str]:
+def run_primary(channel: str, socket_dir: Path, mode: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", PRIMARY_SCRIPT, channel, str(socket_dir), mode],
         stdout=subprocess.PIPE,
@@ -1032,7 +1033,11 @@ def test_setup_primary_is_a_no_op_in_a_spawned_child(
     )
     result = subprocess.run(
         [sys.executable, str(script), channel, str(socket_dir)],
-        capture_output=True, text=True, env=child_env(), timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert not paths.lock_path(channel, socket_dir).exists()

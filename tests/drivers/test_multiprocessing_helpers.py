@@ -84,8 +84,14 @@ class RelayProcess:
 
     def command(self, *extra: str) -> list[str]:
         return [
-            sys.executable, "-m", "crossws_channels.relay",
-            "--channel", self.channel, "--socket-dir", str(self.socket_dir), *extra,
+            sys.executable,
+            "-m",
+            "crossws_channels.relay",
+            "--channel",
+            self.channel,
+            "--socket-dir",
+            str(self.socket_dir),
+            *extra,
         ]
 
     def start(self, timeout: float = 15.0) -> float:
@@ -197,7 +203,9 @@ class Agent:
         log_path = log_dir / f"agent-{name}.log"
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.drivers.test_multiprocessing_helpers",
+                sys.executable,
+                "-m",
+                "tests.drivers.test_multiprocessing_helpers",
                 json.dumps(config),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -322,8 +330,9 @@ async def _agent_main(config: dict[str, Any]) -> None:
         try:
             result = layer.stats() if op == "stats" else await operations[op](*args)
         except Exception as exc:
-            write({"id": command["id"], "ok": False, "error": type(exc).__name__,
-                   "message": str(exc)})
+            write(
+                {"id": command["id"], "ok": False, "error": type(exc).__name__, "message": str(exc)}
+            )
         else:
             write({"id": command["id"], "ok": True, "result": result})
 

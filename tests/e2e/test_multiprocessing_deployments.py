@@ -104,8 +104,14 @@ def start_gunicorn(processes: Processes, env: dict[str, str], port: int) -> Mana
     server = processes.start(
         "gunicorn",
         [
-            sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE_CONFIG),
-            "-b", f"{HOST}:{port}", "testproject.asgi:application",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(EXAMPLE_CONFIG),
+            "-b",
+            f"{HOST}:{port}",
+            "testproject.asgi:application",
         ],
         env,
     )
@@ -194,8 +200,13 @@ async def test_daphnes_and_runworkers_behind_a_standalone_relay(
     env = project_env("multiprocessing", options={"socket_dir": str(socket_dir)})
     channel = env["CROSSWS_CHANNEL"]
     relay_args = [
-        sys.executable, "-m", "crossws_channels.relay",
-        "--channel", channel, "--socket-dir", str(socket_dir),
+        sys.executable,
+        "-m",
+        "crossws_channels.relay",
+        "--channel",
+        channel,
+        "--socket-dir",
+        str(socket_dir),
     ]
     relay = processes.start("relay", relay_args, env)
     relay.wait_for_output("listening on")
@@ -226,9 +237,7 @@ async def test_daphnes_and_runworkers_behind_a_standalone_relay(
             assert response.status == 202, response.body
         worker_pids = {worker.pid for worker in workers}
         for client in (alice, bob):
-            results = [
-                await client.receive_until(is_message("job"), timeout=15) for _ in range(6)
-            ]
+            results = [await client.receive_until(is_message("job"), timeout=15) for _ in range(6)]
             assert sorted(m["text"] for m in results) == sorted(
                 f"2 words, reversed: {n} boj" for n in range(6)
             )
