@@ -224,14 +224,12 @@ class Backplane:
             return home
         return self._start(current)
 
-    def settled(self) -> bool:
-        """Running on a live home loop, past the first subscription attempt: the
-        caller needn't wait for anything (the receive path asks this every time)."""
+    def settled(self, current: asyncio.AbstractEventLoop) -> bool:
+        """Running on a live home loop, past the first subscription attempt: a caller
+        on loop ``current`` needn't wait for anything (every receive asks this)."""
         home = self._home
         return (
-            self._first_attempt_seen
-            and home is not None
-            and (home is asyncio.events._get_running_loop() or home.is_running())
+            self._first_attempt_seen and home is not None and (home is current or home.is_running())
         )
 
     async def subscribed(self) -> None:

@@ -118,7 +118,7 @@ class Registry:
         current: asyncio.AbstractEventLoop | None,
         force: bool = False,
     ) -> bool:
-        box = self._mailbox(channel)
+        box = self._mailboxes.get(channel) or self._mailbox(channel)
         waiters = box.waiters
         if not box.items:
             # Hand over directly to a receiver waiting on this very loop.
@@ -161,16 +161,33 @@ class Registry:
             if not members:
                 return result
             shared = self._shared_workers()
+            mailboxes = self._mailboxes
+            pending = self._pending
+            entry = (deadline, payload)
+            delivered = 0
             stale: list[str] = []
             for channel, joined in members.items():
+                box = mailboxes.get(channel)
                 if joined < joined_after:
                     stale.append(channel)
                 elif shared and "!" not in channel:
                     result.shared.append(channel)
+                elif (
+                    box is not None
+                    and box.items
+                    and not box.waiters
+                    and len(box.items) < box.capacity
+                ):
+                    # A member busy with earlier messages (the usual case under load):
+                    # nobody to hand over to or wake, just queue it.
+                    box.items.append(entry)
+                    pending.add(channel)
+                    delivered += 1
                 elif self._put(channel, payload, deadline, current):
-                    result.delivered += 1
+                    delivered += 1
                 else:
                     result.full.append(channel)
+            result.delivered = delivered
             for channel in stale:
                 self._discard(group, channel)
         return result
@@ -187,7 +204,7 @@ class Registry:
         now = monotonic()
         expired = 0
         with self.lock:
-            box = self._mailbox(channel)
+            box = self._mailboxes.get(channel) or self._mailbox(channel)
             items = box.items
             while items:
                 deadline, payload = items.popleft()

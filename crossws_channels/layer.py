@@ -276,11 +276,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         Cancelling the wait loses no message: one that arrived meanwhile stays queued for
         the next ``receive``.
         """
-        self._check_channel_name(channel)
+        if channel not in self._valid_names:
+            self._check_channel_name(channel)
         backplane = self._backplane
-        if not backplane.settled():
-            await backplane.subscribed()
         loop = asyncio.get_running_loop()
+        if not backplane.settled(loop):
+            await backplane.subscribed()
         registry = self._registry
         while True:
             payload, waiter, expired, shared = registry.take(channel, loop)
@@ -305,7 +306,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 if payload is None:
                     continue  # woken from another thread: the message is in the mailbox
             if type(payload) is serialize.Template:
-                return serialize.copy_message(payload.message)
+                return payload.copy()
             try:
                 return serialize.loads(payload)  # type: ignore[arg-type]
             except Exception as exc:

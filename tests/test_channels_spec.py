@@ -116,6 +116,12 @@ async def test_members_get_independent_copies(make_layer: Any) -> None:
     first = await receive(layer, one)
     first["items"].append(3)
     assert await receive(layer, two) == {"type": "t", "items": [1, 2]}
+    # A flat message (no nested dict or list) is copied too.
+    await layer.group_send("g", {"type": "flat", "n": 1})
+    first = await receive(layer, one)
+    first["n"] = 2
+    first["extra"] = True
+    assert await receive(layer, two) == {"type": "flat", "n": 1}
 
 
 async def test_send_raises_channel_full_at_capacity(make_layer: Any) -> None:
@@ -156,6 +162,25 @@ async def test_group_send_drops_for_a_full_member_and_reports_it(
     reported = errors.of(ChannelFull, "delivery")
     assert len(reported) == 1 and full in str(reported[0])
     assert layer.stats()["dropped.full"] == 1
+
+
+async def test_members_behind_keep_capacity_messages_in_order(
+    make_layer: Any, errors: ErrorLog
+) -> None:
+    """Members that don't receive while a group is busy queue up to capacity each, in
+    order; each message beyond that is dropped for them and counted."""
+    layer = make_layer(capacity=3, on_error=errors)
+    members = [await layer.new_channel() for _ in range(3)]
+    for channel in members:
+        await layer.group_add("g", channel)
+    for n in range(5):
+        await layer.group_send("g", {"type": "n", "n": n})
+    for channel in members:
+        assert [(await receive(layer, channel))["n"] for _ in range(3)] == [0, 1, 2]
+        await nothing_on(layer, channel)
+    assert layer.stats()["delivered"] == 9
+    assert layer.stats()["dropped.full"] == 6
+    assert len(errors.of(ChannelFull, "delivery")) == 2
 
 
 async def test_messages_expire(make_layer: Any, errors: ErrorLog) -> None:
