@@ -31,6 +31,9 @@ OBJECTS_EXIST = (
     "to_regprocedure($3::text) IS NOT NULL"
 )
 
+# A push wakes waiting receivers if the queue had fewer rows than this (see _push_function).
+WAKE_BELOW = 8
+
 # The push function's arguments: channel, capacity, item, seconds to live, wake-up channel.
 PUSH_ARGUMENTS = "text, integer, text, double precision, text"
 
@@ -58,6 +61,18 @@ def _push_function(names: Names, queue: str, push: str) -> str:
     # one), so max - min + 1 bounds the number of waiting rows with two index probes; only
     # when that bound reaches the capacity are expired rows purged and the rest counted.
     # Deadlines are on the server's clock, so hosts with skewed clocks agree on them.
+    #
+    # The wake-up NOTIFY goes out only when the queue was empty or nearly so (fewer than
+    # WAKE_BELOW rows), or when this push purged expired rows. A receiver waits only after
+    # finding no row it could take; the rows a push saw that such a receiver did not were
+    # being taken by other receivers, or were pushed by transactions not yet committed when
+    # it looked, and there are about as many of those as receivers and senders working at
+    # that moment, so a short queue still wakes it. Pushes to a longer queue send none:
+    # every NOTIFY wakes every listening backend and client, and one per push, to receivers
+    # busy anyway, was the largest cost of a busy worker channel. A receiver goes on popping
+    # until it finds the queue empty, and if its caller stops first, its driver sends the
+    # wake-up (HANDOFF_DELAY in pgsql.py); beyond that, waiting receivers look again every
+    # second.
     lock_key = sql.Literal(f"{names.queue_table}:").as_string(None)
     return (
         f"CREATE OR REPLACE FUNCTION {push}("
@@ -93,7 +108,9 @@ def _push_function(names: Names, queue: str, push: str) -> str:
         "        -- A message put back at the head of an emptied queue took that position.\n"
         f"        SELECT max(pos) INTO hi FROM {queue} WHERE channel = p_channel;\n"
         "    END LOOP;\n"
-        "    PERFORM pg_notify(p_wakeup, p_channel);\n"
+        f"    IF lo IS NULL OR hi - lo + 1 < {WAKE_BELOW} OR purged > 0 THEN\n"
+        "        PERFORM pg_notify(p_wakeup, p_channel);\n"
+        "    END IF;\n"
         "    RETURN ARRAY[1, purged];\n"
         "END\n"
         "$crossws$"
@@ -209,7 +226,8 @@ class Statements:
                 **q,
             ),
             # Expired rows of every worker channel that no receiver reached, now and then:
-            # up to $1 of them, by channel.
+            # up to $1 of them, by channel. Each channel purged gets a wake-up on $2: a push
+            # that saw these rows sent none, and no receiver takes them and pops on.
             purge=_render(
                 """WITH gone AS (
                     DELETE FROM {q} WHERE (channel, pos) IN (
@@ -219,7 +237,8 @@ class Statements:
                     )
                     RETURNING channel
                 )
-                SELECT channel, count(*) FROM gone GROUP BY channel""",
+                SELECT channel, count(*), pg_notify($2::text, channel)
+                FROM gone GROUP BY channel""",
                 **q,
             ),
             # $1 payload, $2 time to live (s), $3 channel, $4 LARGE_PREFIX. Each insert also

@@ -59,6 +59,14 @@ BACKOFF_MAX = 1.0
 POLL_INTERVAL = 1.0
 POLL_INTERVAL_UNSUBSCRIBED = 0.2
 
+# A push sends a wake-up only when the queue was empty or nearly so (see _pgsql_sql.py).
+# One that found more rows relies on the receivers taking them to go on popping until the
+# queue is empty: a receiver that looked while they were being taken, and waits, was not
+# woken by that push. So if the caller of a queue_pop() that returned an item has not
+# popped that channel again this many seconds later (it stopped receiving, or is slow), the
+# driver sends the wake-up on its behalf.
+HANDOFF_DELAY = 0.05
+
 # How long an item put back with queue_return() may wait when the driver doesn't know its
 # deadline (it was not popped by this driver).
 RETURN_TTL = 60.0
@@ -201,6 +209,7 @@ class PgsqlDriver:
         self._backlog_task: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._popped: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._handoffs: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._direct_names: dict[str, str] = {}
         self._purge_due = 0.0
@@ -509,17 +518,22 @@ class PgsqlDriver:
         """Delete expired messages of worker channels no receiver reached, now and then."""
         self._purge_due = time.monotonic() + PURGE_INTERVAL
         try:
-            rows = await self._work.run(self._with_tables, _fetch, self._sql.purge, PURGE_ROWS)
+            rows = await self._work.run(
+                self._with_tables, _fetch, self._sql.purge, PURGE_ROWS, self.names.wakeup
+            )
         except Exception as exc:
             logger.debug("pgsql channel %r: purging expired messages failed: %s", self, exc)
             return
         if rows:
-            self._report_expired(sum(int(n) for _, n in rows), [str(c) for c, _ in rows])
+            self._report_expired(sum(int(n) for _, n, _ in rows), [str(c) for c, _, _ in rows])
 
     async def queue_pop(self, channel: str, timeout: float, /) -> str | None:
         """Take the oldest item of ``channel``, waiting up to ``timeout`` seconds for one."""
         self._check_open()
         loop = asyncio.get_running_loop()
+        handoff = self._handoffs.pop(channel, None)
+        if handoff is not None:
+            handoff.cancel()  # popping again: the hand-over is not needed
         deadline = loop.time() + max(timeout, 0.0)
         event = asyncio.Event()
         waiters = self._waiters.setdefault(channel, set())
@@ -530,6 +544,7 @@ class PgsqlDriver:
                 event.clear()
                 item = await self._pop_once(channel)
                 if item is not None:
+                    self._arm_handoff(loop, channel)
                     return item
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._closed:
@@ -573,6 +588,29 @@ class PgsqlDriver:
             if not is_expired:
                 return expired, item, float(expires)
             expired += 1
+
+    def _arm_handoff(self, loop: asyncio.AbstractEventLoop, channel: str) -> None:
+        """Wake the other receivers of ``channel`` if this driver's caller doesn't pop it
+        again soon: they may have looked while this receiver was taking its item, and the
+        pushes since then, finding the queue not empty, sent no wake-up."""
+        previous = self._handoffs.pop(channel, None)
+        if previous is not None:
+            previous.cancel()
+        self._handoffs[channel] = loop.call_later(HANDOFF_DELAY, self._hand_off, channel)
+
+    def _hand_off(self, channel: str) -> None:
+        self._handoffs.pop(channel, None)
+        if self._closed:
+            return
+        self._wake(channel)
+        self._track(asyncio.ensure_future(self._send_handoff(channel)))
+
+    async def _send_handoff(self, channel: str) -> None:
+        try:
+            await self._work.run(_notify_one, self.names.wakeup, channel)
+        except Exception as exc:
+            # The receivers' periodic look at the queue still finds the rows.
+            logger.debug("pgsql channel %r: a queue wake-up failed: %s", self, exc)
 
     def _give_back_orphan(
         self, channel: str, task: asyncio.Future[tuple[int, str | None, float]]
@@ -687,6 +725,9 @@ class PgsqlDriver:
         if self._closed:
             return
         self._closed = True
+        for handoff in self._handoffs.values():
+            handoff.cancel()
+        self._handoffs.clear()
         self._wake_all()
         if self._listener is not None:
             listener, self._listener = self._listener, None

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import psycopg
 import pytest
 from psycopg import sql
 
-from crossws_channels.drivers.pgsql import table_names
+from crossws_channels.drivers._pgsql_sql import WAKE_BELOW
+from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
 from crossws_channels.errors import MessageExpired
 from tests.drivers.test_pgsql_support import (
     CONNECTORS,
@@ -99,6 +103,110 @@ async def test_a_waiting_receiver_is_woken_by_the_push(cluster: Cluster) -> None
     started = time.monotonic()
     assert await a.queue_push("jobs", "wake", 10, later())
     assert await waiting == "wake"
+    assert time.monotonic() - started < 0.5
+
+
+@contextlib.asynccontextmanager
+async def wakeups(
+    dsn: str, driver: PgsqlDriver
+) -> AsyncIterator[Callable[[float], Awaitable[list[str]]]]:
+    """Listen on the cluster's wake-up channel from a connection of the test's own; yield
+    a function returning the wake-ups (their payloads) heard within so many seconds."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("LISTEN {}").format(sql.Identifier(driver.names.wakeup)).as_string(None)
+        )
+
+        async def heard(seconds: float) -> list[str]:
+            return [n.payload async for n in conn.notifies(timeout=seconds)]
+
+        yield heard
+
+
+async def test_only_pushes_to_a_short_queue_send_a_wake_up(psycopg_cluster: Cluster) -> None:
+    """Pushes behind WAKE_BELOW waiting items wake nobody: the receivers are busy."""
+    a, _ = await psycopg_cluster.member("a")
+    await a.queue_push("warm-up", "x", 10, later())  # creates the tables outside the count
+    async with wakeups(psycopg_cluster.dsn, a) as heard:
+        for i in range(WAKE_BELOW + 3):
+            assert await a.queue_push("jobs", f"job{i}", 100, later())
+        assert await heard(0.3) == ["jobs"] * WAKE_BELOW
+
+
+async def test_a_receiver_that_stops_popping_hands_over(psycopg_cluster: Cluster) -> None:
+    """After queue_pop returns an item, the queue is only known to be empty once a pop finds
+    it so: a caller that stops popping earlier has the driver wake the other receivers (whose
+    last look may have skipped the row it was taking), once, and only when it stops."""
+    a, _ = await psycopg_cluster.member("a")
+    for i in range(3):
+        assert await a.queue_push("jobs", f"job{i}", 10, later())
+    async with wakeups(psycopg_cluster.dsn, a) as heard:
+        assert await a.queue_pop("jobs", 0) == "job0"
+        assert await a.queue_pop("jobs", 0) == "job1"  # popping on: no hand-over in between
+        assert await heard(0.5) == ["jobs"]
+        assert await a.queue_pop("jobs", 0) == "job2"
+        assert await a.queue_pop("jobs", 0) is None  # found it empty: nothing to hand over
+        assert await heard(0.5) == []
+
+
+async def lock_rows(holder: psycopg.AsyncConnection[Any], channel: str, items: list[str]) -> None:
+    """Lock rows as a receiver in the middle of taking them does (until commit)."""
+    queue, _ = table_names(channel)
+    await holder.execute(
+        sql.SQL("SELECT 1 FROM {} WHERE item = ANY(%s) FOR UPDATE").format(sql.Identifier(queue)),
+        [items],
+    )
+
+
+async def delete_rows(holder: psycopg.AsyncConnection[Any], channel: str, items: list[str]) -> None:
+    queue, _ = table_names(channel)
+    await holder.execute(
+        sql.SQL("DELETE FROM {} WHERE item = ANY(%s)").format(sql.Identifier(queue)), [items]
+    )
+    await holder.commit()
+
+
+async def test_a_receiver_behind_a_locked_row_is_woken_by_the_next_push(
+    psycopg_cluster: Cluster,
+) -> None:
+    """A receiver that found the only row locked by another receiver waits; the next push
+    finds that row still there, and wakes it all the same."""
+    a, _ = await psycopg_cluster.member("a")
+    c, _ = await psycopg_cluster.member("c")
+    assert await a.queue_push("jobs", "taken", 10, later())
+    async with await psycopg.AsyncConnection.connect(psycopg_cluster.dsn) as holder:
+        await lock_rows(holder, psycopg_cluster.channel, ["taken"])
+        waiting = asyncio.create_task(c.queue_pop("jobs", 5))
+        await asyncio.sleep(0.1)  # c looked, skipped the locked row, and waits
+        started = time.monotonic()
+        assert await a.queue_push("jobs", "next", 10, later())
+        assert await waiting == "next"
+        assert time.monotonic() - started < 0.5
+        await delete_rows(holder, psycopg_cluster.channel, ["taken"])
+
+
+async def test_a_receiver_behind_many_locked_rows_waits_for_the_hand_over(
+    psycopg_cluster: Cluster,
+) -> None:
+    """With WAKE_BELOW rows locked by other receivers, the next push wakes nobody: the wake-up
+    comes from those receivers, popping on or handing over (sent here by hand, for receivers
+    standing in for those of another process)."""
+    a, _ = await psycopg_cluster.member("a")
+    c, _ = await psycopg_cluster.member("c")
+    taken = [f"taken{i}" for i in range(WAKE_BELOW)]
+    for item in taken:
+        assert await a.queue_push("jobs", item, 100, later())
+    async with await psycopg.AsyncConnection.connect(psycopg_cluster.dsn) as holder:
+        await lock_rows(holder, psycopg_cluster.channel, taken)
+        waiting = asyncio.create_task(c.queue_pop("jobs", 5))
+        await asyncio.sleep(0.1)  # c looked, skipped the locked rows, and waits
+        assert await a.queue_push("jobs", "next", 100, later())
+        await delete_rows(holder, psycopg_cluster.channel, taken)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # no wake-up yet: only the periodic look would find it
+    started = time.monotonic()
+    await admin_query(psycopg_cluster.dsn, "SELECT pg_notify(%s, 'jobs')", a.names.wakeup)
+    assert await waiting == "next"
     assert time.monotonic() - started < 0.5
 
 
