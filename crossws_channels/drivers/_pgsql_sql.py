@@ -197,16 +197,19 @@ class Statements:
             # $1 channel. SKIP LOCKED: a row another receiver is taking is invisible here,
             # so every item goes to exactly one receiver. The head is taken even if it has
             # expired (the caller drops it and takes the next): expired rows leave the
-            # queue as receivers reach them, without a scan.
+            # queue as receivers reach them, without a scan. The last column tells whether
+            # any row came after it (one more index probe), so a receiver that took the
+            # last one knows the queue is empty without asking again.
             pop=_render(
                 """WITH taken AS (
                     DELETE FROM {q} WHERE channel = $1::text AND pos = (
                         SELECT pos FROM {q} WHERE channel = $1::text
                         ORDER BY pos LIMIT 1 FOR UPDATE SKIP LOCKED
                     )
-                    RETURNING item, expires
+                    RETURNING pos, item, expires
                 )
-                SELECT item, expires, expires <= extract(epoch FROM now())::float8
+                SELECT item, expires, expires <= extract(epoch FROM now())::float8,
+                    EXISTS (SELECT 1 FROM {q} WHERE channel = $1::text AND pos > taken.pos)
                 FROM taken""",
                 **q,
             ),

@@ -210,6 +210,9 @@ class PgsqlDriver:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._popped: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._handoffs: dict[str, asyncio.TimerHandle] = {}
+        # Worker channels whose last pop here found nothing after the row it took (or no
+        # row), with no wake-up since: as far as this driver knows, they are empty.
+        self._drained: set[str] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._direct_names: dict[str, str] = {}
         self._purge_due = 0.0
@@ -538,14 +541,22 @@ class PgsqlDriver:
         event = asyncio.Event()
         waiters = self._waiters.setdefault(channel, set())
         waiters.add(event)
+        # A channel this driver found empty, with no wake-up since (one arriving from now
+        # on sets the event): wait for one instead of asking the server again. A push to
+        # an empty queue always sends one; the periodic look below stays the safety net.
+        drained = timeout > 0 and self._listening and channel in self._drained
         try:
             while True:
-                # Cleared before the query: a wake-up arriving while it runs is kept.
-                event.clear()
-                item = await self._pop_once(channel)
-                if item is not None:
-                    self._arm_handoff(loop, channel)
-                    return item
+                if drained:
+                    drained = False
+                else:
+                    # Cleared before the query: a wake-up arriving while it runs is kept.
+                    event.clear()
+                    item, more = await self._pop_once(channel)
+                    if item is not None:
+                        if more:
+                            self._arm_handoff(loop, channel)
+                        return item
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._closed:
                     return None
@@ -559,34 +570,40 @@ class PgsqlDriver:
             if not waiters and self._waiters.get(channel) is waiters:
                 del self._waiters[channel]
 
-    async def _pop_once(self, channel: str) -> str | None:
+    async def _pop_once(self, channel: str) -> tuple[str | None, bool]:
+        """Take the head of ``channel``: the item (or None), and whether rows followed it."""
+        self._drained.discard(channel)
         task = asyncio.ensure_future(self._work.run(self._pop, channel))
         self._track(task)
         try:
             # Shielded: once the DELETE is sent its item is gone from the table, so a
             # cancelled receiver must still get the result, to put the item back.
-            expired, item, expires = await asyncio.shield(task)
+            expired, item, expires, more = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(functools.partial(self._give_back_orphan, channel))
             raise
         if expired:
             self._report_expired(expired, [channel])
+        if not more:
+            if len(self._drained) >= 1024:
+                self._drained.clear()  # forgetting only costs a look at the server
+            self._drained.add(channel)
         if item is not None:
             self._popped[(channel, item)] = expires
             while len(self._popped) > 1024:
                 self._popped.popitem(last=False)
-        return item
+        return item, more
 
-    async def _pop(self, session: Session, channel: str) -> tuple[int, str | None, float]:
+    async def _pop(self, session: Session, channel: str) -> tuple[int, str | None, float, bool]:
         """Take the head of ``channel``; drop the expired ones found first (counted)."""
         expired = 0
         while True:
             rows = await self._with_tables(session, _fetch, self._sql.pop, channel)
             if not rows:
-                return expired, None, 0.0
-            item, expires, is_expired = rows[0]
+                return expired, None, 0.0, False
+            item, expires, is_expired, more = rows[0]
             if not is_expired:
-                return expired, item, float(expires)
+                return expired, item, float(expires), bool(more)
             expired += 1
 
     def _arm_handoff(self, loop: asyncio.AbstractEventLoop, channel: str) -> None:
@@ -613,11 +630,11 @@ class PgsqlDriver:
             logger.debug("pgsql channel %r: a queue wake-up failed: %s", self, exc)
 
     def _give_back_orphan(
-        self, channel: str, task: asyncio.Future[tuple[int, str | None, float]]
+        self, channel: str, task: asyncio.Future[tuple[int, str | None, float, bool]]
     ) -> None:
         if task.cancelled() or task.exception() is not None:
             return
-        _expired, item, expires = task.result()
+        _expired, item, expires, _more = task.result()
         if item is not None:
             # Also while closing: close() waits for this before closing the connections.
             self._track(asyncio.ensure_future(self._give_back_orphaned(channel, item, expires)))
@@ -681,10 +698,12 @@ class PgsqlDriver:
         self._tables_ready = True
 
     def _wake(self, channel: str) -> None:
+        self._drained.discard(channel)
         for event in self._waiters.get(channel, ()):
             event.set()
 
     def _wake_all(self) -> None:
+        self._drained.clear()
         for events in self._waiters.values():
             for event in events:
                 event.set()

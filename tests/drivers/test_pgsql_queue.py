@@ -210,6 +210,67 @@ async def test_a_receiver_behind_many_locked_rows_waits_for_the_hand_over(
     assert time.monotonic() - started < 0.5
 
 
+def count_pops(driver: PgsqlDriver) -> list[int]:
+    """Count the pop statements ``driver`` runs from now on (in the list's one element)."""
+    count = [0]
+    pop = driver._pop
+
+    async def counted(session: Any, channel: str) -> Any:
+        count[0] += 1
+        return await pop(session, channel)
+
+    driver._pop = counted  # type: ignore[method-assign]
+    return count
+
+
+async def test_a_receiver_that_took_the_last_item_waits_without_asking(
+    cluster: Cluster,
+) -> None:
+    """A pop that took the last row says so: the next receive waits for a wake-up instead
+    of asking the server again, and the next push wakes it at once."""
+    a, _ = await cluster.member("a")
+    c, _ = await cluster.member("c")
+    assert await a.queue_push("jobs", "only", 10, later())
+    await asyncio.sleep(0.2)  # its wake-up has reached c: a later one would be news
+    assert await c.queue_pop("jobs", 1) == "only"
+    pops = count_pops(c)
+    waiting = asyncio.create_task(c.queue_pop("jobs", 5))
+    await asyncio.sleep(0.3)
+    assert pops[0] == 0  # known to be empty: it waits without asking
+    started = time.monotonic()
+    assert await a.queue_push("jobs", "next", 10, later())
+    assert await waiting == "next"
+    assert time.monotonic() - started < 0.5
+    assert pops[0] == 1
+
+
+async def test_a_wake_up_between_two_receives_is_not_missed(cluster: Cluster) -> None:
+    """A push to a queue this receiver found empty, heard while nobody waited on it, makes
+    the next receive look at once (not at the next periodic look)."""
+    a, _ = await cluster.member("a")
+    c, _ = await cluster.member("c")
+    assert await a.queue_push("jobs", "only", 10, later())
+    await asyncio.sleep(0.2)
+    assert await c.queue_pop("jobs", 1) == "only"  # took the last row
+    assert await a.queue_push("jobs", "between", 10, later())
+    await asyncio.sleep(0.2)  # its wake-up reaches c while no receive is waiting there
+    started = time.monotonic()
+    assert await c.queue_pop("jobs", 5) == "between"
+    assert time.monotonic() - started < 0.5
+
+
+async def test_a_pop_with_rows_behind_it_keeps_asking(cluster: Cluster) -> None:
+    """While rows follow the one taken, each receive asks the server (no wake-ups come for a
+    longer queue)."""
+    a, _ = await cluster.member("a")
+    c, _ = await cluster.member("c")
+    for i in range(WAKE_BELOW + 4):
+        assert await a.queue_push("jobs", f"job{i}", 100, later())
+    await asyncio.sleep(0.2)  # the wake-ups of the first pushes have come and gone
+    got = [await asyncio.wait_for(c.queue_pop("jobs", 5), 0.5) for _ in range(WAKE_BELOW + 4)]
+    assert got == [f"job{i}" for i in range(WAKE_BELOW + 4)]
+
+
 async def test_pop_waits_for_its_timeout(psycopg_cluster: Cluster) -> None:
     """An empty queue makes queue_pop wait out its timeout, then return None."""
     a, _ = await psycopg_cluster.member("a")
