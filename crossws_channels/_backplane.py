@@ -204,6 +204,8 @@ class Backplane:
         self._wanted: dict[str, asyncio.Event] = {}
         # Set once the first subscription attempt of the current run has finished.
         self._first_attempt: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Mirrors _first_attempt.done() for settled(), which every receive calls: a
+        # concurrent future's done() takes a lock.
         self._first_attempt_seen = False
         self._tasks: set[asyncio.Task[Any]] = set()
         # Coroutines run on the home loop for as long as the backplane runs (heartbeat).

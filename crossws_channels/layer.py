@@ -313,10 +313,9 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 self._drop_malformed(f"a message on {channel!r} could not be decoded: {exc}")
 
     def _check_channel_name(self, channel: str) -> None:
-        """require_valid_channel_name, remembering names that passed: a consumer
-        receives on the same channel over and over."""
-        if channel in self._valid_names:
-            return
+        """require_valid_channel_name for a name not in ``_valid_names`` (the caller
+        looks, on its hot path), remembering it once it passed: a consumer receives on
+        the same channel over and over."""
         self.require_valid_channel_name(channel)
         if len(self._valid_names) >= _VALID_NAMES_KEPT:
             self._valid_names.clear()
@@ -442,13 +441,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
             return
         envelope = decode_envelope(raw)
         if envelope is None:
-            self._stats.incr("dropped.malformed")
-            self._reporter.report_flood(
-                "malformed",
-                MalformedMessage(
-                    f"dropped {len(raw)} bytes of backplane traffic that is not an envelope"
-                ),
-                "delivery",
+            self._drop_malformed(
+                f"dropped {len(raw)} bytes of backplane traffic that is not an envelope"
             )
             return
         msg = envelope.msg
@@ -492,6 +486,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             self._fan_out(topic, payload)
 
     def _drop_malformed(self, what: str) -> None:
+        """Count and report (rate-limited) a malformed message that is dropped."""
         self._stats.incr("dropped.malformed")
         self._reporter.report_flood("malformed", MalformedMessage(what), "delivery")
 
@@ -524,12 +519,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 {"type": "crossws.message", "bytes": data, "namespace": msg.namespace}
             )
         except Exception as exc:
-            self._stats.incr("dropped.malformed")
-            self._reporter.report_flood(
-                "malformed",
-                MalformedMessage(f"dropped a relayed message for {msg.topic!r}: {exc}"),
-                "delivery",
-            )
+            self._drop_malformed(f"dropped a relayed message for {msg.topic!r}: {exc}")
             return None
 
     def _on_control(self, sender: str, topic: str, data: str | bytes) -> None:
@@ -553,12 +543,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             self.require_valid_group_name(group)
             self.require_valid_channel_name(channel)
         except Exception as exc:
-            self._stats.incr("dropped.malformed")
-            self._reporter.report_flood(
-                "malformed",
-                MalformedMessage(f"dropped a malformed {topic} message: {exc}"),
-                "delivery",
-            )
+            self._drop_malformed(f"dropped a malformed {topic} message: {exc}")
             return
         if self._owner(channel) == self.instance_id:
             self._apply_membership(topic, group, channel)
@@ -625,12 +610,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         """Take an item popped from the shared queue; False to put it back."""
         envelope = decode_envelope(item)
         if envelope is None:
-            self._stats.incr("dropped.malformed")
-            self._reporter.report_flood(
-                "malformed",
-                MalformedMessage(f"dropped a malformed item of {channel!r}"),
-                "delivery",
-            )
+            self._drop_malformed(f"dropped a malformed item of {channel!r}")
             return True
         if envelope.expires is not None and envelope.expires < time.time():
             self._stats.incr("dropped.expired")

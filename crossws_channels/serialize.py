@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -77,18 +78,14 @@ def _walk(value: object, path: str) -> bool:
 def _str_keys(value: dict[Any, Any]) -> bool:
     """True if every dict key in ``value`` (at any depth) is a str: the cheap check left
     to do once the JSON encoder has accepted every value."""
-    for key, item in value.items():
+    for key in value:
         if not isinstance(key, str):
             return False
-        if isinstance(item, dict):
-            if not _str_keys(item):
-                return False
-        elif isinstance(item, (list, tuple)) and not _str_keys_in(item):
-            return False
-    return True
+    return _str_keys_in(value.values())
 
 
-def _str_keys_in(values: list[Any] | tuple[Any, ...]) -> bool:
+def _str_keys_in(values: Iterable[Any]) -> bool:
+    """True if every dict among ``values`` and their nested lists has only str keys."""
     for item in values:
         if isinstance(item, dict):
             if not _str_keys(item):
@@ -156,6 +153,10 @@ def payload_size(data: str | bytes) -> int:
     return len(data.encode("utf-8", "surrogatepass"))
 
 
+# What a decoded message may nest (JSON and msgpack decode arrays as lists).
+_CONTAINERS = (dict, list)
+
+
 class Template:
     """A message decoded once for many receivers; each receives :func:`copy_message` of it.
 
@@ -177,9 +178,6 @@ class Template:
         if self.flat:
             return self.message.copy()
         return copy_message(self.message)
-
-
-_CONTAINERS = (dict, list)
 
 
 def _copy_list(value: list[Any]) -> list[Any]:
