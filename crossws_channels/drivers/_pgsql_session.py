@@ -126,10 +126,33 @@ class Session(Protocol):
         """Drop an owned session without waiting (its loop may be gone)."""
 
 
-class PsycopgSession:
+class _Notifications:
+    """Hands a session's notifications to the sink of its running ``receive()``, and
+    keeps those read before it started (while LISTEN ran, say) for it, in order."""
+
+    def __init__(self) -> None:
+        self._sink: Sink | None = None
+        self._early: deque[tuple[str, str]] = deque()
+
+    def _notified(self, channel: str, payload: str) -> None:
+        sink = self._sink
+        if sink is None:
+            self._early.append((channel, payload))
+        else:
+            sink(channel, payload)
+
+    def _attach(self, sink: Sink) -> None:
+        """Make ``sink`` the receiver, after handing it what came before."""
+        self._sink = sink
+        while self._early:
+            sink(*self._early.popleft())
+
+
+class PsycopgSession(_Notifications):
     """A psycopg 3 ``AsyncConnection`` in autocommit mode."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], *, owned: bool) -> None:
+        super().__init__()
         self.conn = conn
         self.owned = owned
         self._channels: list[str] = []
@@ -140,8 +163,6 @@ class PsycopgSession:
         self._busy = 0
         self._idle: asyncio.Future[None] | None = None
         self._finish_when_idle = False
-        self._sink: Sink | None = None
-        self._early: deque[tuple[str, str]] = deque()
         self._handler_added = False
 
     # Operations in flight
@@ -231,11 +252,7 @@ class PsycopgSession:
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         # Notifications psycopg reads while it runs a statement on this connection.
-        sink = self._sink
-        if sink is None:
-            self._early.append((notify.channel, notify.payload))
-        else:
-            sink(notify.channel, notify.payload)
+        self._notified(notify.channel, notify.payload)
 
     async def listen(self, channels: Sequence[str]) -> None:
         if not self._handler_added:
@@ -267,10 +284,8 @@ class PsycopgSession:
             self.conn.remove_notify_handler(self._on_notify)
 
     async def receive(self, sink: Sink, ping_interval: float) -> None:
-        self._sink = sink
         try:
-            while self._early:
-                sink(*self._early.popleft())
+            self._attach(sink)
             while True:
                 # Reading holds the connection's lock, as psycopg's notifies() does; the
                 # ping (a statement) takes it in turn.
@@ -392,7 +407,7 @@ class PsycopgSession:
             self.conn.pgconn.finish()
 
 
-class AsyncpgSession:
+class AsyncpgSession(_Notifications):
     """An asyncpg ``Connection`` (asyncpg is in autocommit mode outside transactions).
 
     asyncpg runs over an asyncio transport, which can be aborted under a pending
@@ -400,11 +415,10 @@ class AsyncpgSession:
     """
 
     def __init__(self, conn: Any, *, owned: bool) -> None:
+        super().__init__()
         self.conn = conn
         self.owned = owned
         self._channels: list[str] = []
-        self._sink: Sink | None = None
-        self._early: deque[tuple[str, str]] = deque()
         self._lost: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heard = 0.0
@@ -432,11 +446,7 @@ class AsyncpgSession:
     def _on_notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         if self._loop is not None:
             self._heard = self._loop.time()
-        sink = self._sink
-        if sink is None:
-            self._early.append((channel, payload))
-        else:
-            sink(channel, payload)
+        self._notified(channel, payload)
 
     def _on_terminate(self, _conn: object) -> None:
         lost = self._lost
@@ -464,10 +474,8 @@ class AsyncpgSession:
         if lost is None:
             raise RuntimeError("receive() before listen()")
         loop = asyncio.get_running_loop()
-        self._sink = sink
         try:
-            while self._early:
-                sink(*self._early.popleft())
+            self._attach(sink)
             self._heard = loop.time()
             while True:
                 # Woken only by the end of the connection or by ping_interval of quiet:

@@ -36,6 +36,7 @@ __all__ = [
     "ReplyReader",
     "bounded",
     "bounded_compat",
+    "bulk",
     "disconnect_quietly",
     "pack",
     "pool_from_url",
@@ -341,10 +342,12 @@ def _hiredis_reader(reply_error: Callable[[str], Exception]) -> Any:
 
 def pack(*args: bytes) -> bytes:
     """One command in the Redis protocol (RESP), from its words."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args)
+
+
+def bulk(data: bytes) -> bytes:
+    """``data`` as a RESP bulk string: one word of a command."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 @contextlib.asynccontextmanager

@@ -225,20 +225,21 @@ class PgsqlDriver:
 
     async def publish(self, envelope: str, /) -> None:
         """NOTIFY ``envelope`` to every instance of the cluster."""
-        self._check_open()
-        if len(envelope) * 4 <= NOTIFY_LIMIT:
-            # The common case, without planning: one short statement.
-            await self._out.run(_notify_one, self.names.broadcast, envelope)
-        else:
-            await self.publish_batch([(None, envelope)])
+        await self._publish_one(None, envelope)
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """NOTIFY ``envelope`` to the instance ``instance_id`` only."""
+        await self._publish_one(instance_id, envelope)
+
+    async def _publish_one(self, target: str | None, envelope: str) -> None:
         self._check_open()
         if len(envelope) * 4 <= NOTIFY_LIMIT:
-            await self._out.run(_notify_one, self._direct(instance_id), envelope)
+            # The common case, without planning: one short statement (no character takes
+            # more than 4 bytes in UTF-8, so it fits a NOTIFY).
+            channel = self.names.broadcast if target is None else self._direct(target)
+            await self._out.run(_notify_one, channel, envelope)
         else:
-            await self.publish_batch([(instance_id, envelope)])
+            await self.publish_batch([(target, envelope)])
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
         """Relay ``batch`` in order, as few statements as the payloads allow."""
@@ -293,7 +294,7 @@ class PgsqlDriver:
                 continue
             channels, payloads = step.channels, step.payloads
             if len(payloads) == 1:
-                await session.execute(NOTIFY_ONE, channels[0], payloads[0])
+                await _notify_one(session, channels[0], payloads[0])
             elif channels.count(channels[0]) == len(channels):
                 # One channel (a run of broadcasts, usually): pass it once.
                 await session.notify_many(channels[0], payloads)
@@ -534,9 +535,7 @@ class PgsqlDriver:
         """Take the oldest item of ``channel``, waiting up to ``timeout`` seconds for one."""
         self._check_open()
         loop = asyncio.get_running_loop()
-        handoff = self._handoffs.pop(channel, None)
-        if handoff is not None:
-            handoff.cancel()  # popping again: the hand-over is not needed
+        self._cancel_handoff(channel)  # popping again: the hand-over is not needed
         deadline = loop.time() + max(timeout, 0.0)
         event = asyncio.Event()
         waiters = self._waiters.setdefault(channel, set())
@@ -610,10 +609,13 @@ class PgsqlDriver:
         """Wake the other receivers of ``channel`` if this driver's caller doesn't pop it
         again soon: they may have looked while this receiver was taking its item, and the
         pushes since then, finding the queue not empty, sent no wake-up."""
-        previous = self._handoffs.pop(channel, None)
-        if previous is not None:
-            previous.cancel()
+        self._cancel_handoff(channel)
         self._handoffs[channel] = loop.call_later(HANDOFF_DELAY, self._hand_off, channel)
+
+    def _cancel_handoff(self, channel: str) -> None:
+        handoff = self._handoffs.pop(channel, None)
+        if handoff is not None:
+            handoff.cancel()
 
     def _hand_off(self, channel: str) -> None:
         self._handoffs.pop(channel, None)

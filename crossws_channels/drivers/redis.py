@@ -38,6 +38,7 @@ from ._redis_conn import (
     ConnectionFactory,
     ReplyReader,
     bounded,
+    bulk,
     disconnect_quietly,
     pack,
     pool_from_url,
@@ -63,7 +64,7 @@ BACKOFF_MAX = 1.0
 IDLE_PING_INTERVAL = 10.0
 
 # The header of a PUBLISH command, before the channel name; the message follows it.
-_PUBLISH = b"*3\r\n$7\r\nPUBLISH\r\n"
+_PUBLISH = b"*3\r\n" + bulk(b"PUBLISH")
 _PING = pack(b"PING")
 
 # Packed PUBLISH headers remembered for direct sends (one per target instance).
@@ -122,15 +123,13 @@ class RedisDriver:
     async def publish(self, envelope: str, /) -> None:
         """PUBLISH ``envelope`` on the cluster's broadcast channel."""
         self._require_open()
-        data = envelope.encode("utf-8")
-        packed = b"%b$%d\r\n%b\r\n" % (self._broadcast_header, len(data), data)
+        packed = _publish_command(self._broadcast_header, envelope)
         _raise_first(await self._publisher.execute(packed, 1))
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """PUBLISH ``envelope`` on the channel only ``instance_id`` subscribes to."""
         self._require_open()
-        data = envelope.encode("utf-8")
-        packed = b"%b$%d\r\n%b\r\n" % (self._direct_header(instance_id), len(data), data)
+        packed = _publish_command(self._direct_header(instance_id), envelope)
         _raise_first(await self._publisher.execute(packed, 1))
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
@@ -143,11 +142,10 @@ class RedisDriver:
         if not batch:
             return
         broadcast = self._broadcast_header
-        parts: list[bytes] = []
-        for target, envelope in batch:
-            data = envelope.encode("utf-8")
-            header = broadcast if target is None else self._direct_header(target)
-            parts.append(b"%b$%d\r\n%b\r\n" % (header, len(data), data))
+        parts = [
+            _publish_command(broadcast if target is None else self._direct_header(target), env)
+            for target, env in batch
+        ]
         _raise_first(await self._publisher.execute(b"".join(parts), len(parts)))
 
     def _direct_header(self, instance_id: str) -> bytes:
@@ -404,8 +402,13 @@ class RedisDriver:
 
 
 def _publish_header(channel: str) -> bytes:
-    name = channel.encode("utf-8")
-    return b"%b$%d\r\n%b\r\n" % (_PUBLISH, len(name), name)
+    """``PUBLISH <channel>`` in RESP, the part of the command before the message."""
+    return _PUBLISH + bulk(channel.encode("utf-8"))
+
+
+def _publish_command(header: bytes, envelope: str) -> bytes:
+    """The whole PUBLISH command: ``header`` (from :func:`_publish_header`) and the message."""
+    return header + bulk(envelope.encode("utf-8"))
 
 
 def _raise_first(replies: list[Any]) -> None:
