@@ -22,6 +22,7 @@ from .procs import Role, Sync, run_roles
 from .raw import open_link, pipelined
 from .report import Metric
 from .subjects import (
+    CROSS_PROCESS_LAYERS,
     SUBJECTS,
     close_layer,
     layer_stats,
@@ -32,14 +33,6 @@ from .subjects import (
 )
 from .tally import Tally, message, raw_payload, throttle, wait_for_warm, wait_until_done
 
-LAYERS = (
-    "crossws-redis",
-    "crossws-pgsql",
-    "crossws-mp",
-    "redis-pubsub",
-    "redis-core",
-    "channels-postgres",
-)
 RAW = ("raw-redis", "raw-redis-pipe", "raw-pg", "raw-pg-pipe", "raw-pg-batch")
 PIPELINE_CHUNK = 256
 # A trial whose receiver has received nothing new for this long has hung.
@@ -187,7 +180,7 @@ class ScenarioA:
             Case(
                 f"K={members}",
                 {"members": members, "messages": messages},
-                LAYERS + (RAW if members == 1 else ()),
+                CROSS_PROCESS_LAYERS + (RAW if members == 1 else ()),
             )
             for members, messages in sizes.messages
         ]

@@ -20,17 +20,9 @@ from .plan import Case, Layout, Sizes
 from .procs import Role, Sync, run_roles
 from .raw import RawLink, open_link
 from .report import Metric, percentile
-from .subjects import close_layer, open_layer, short
+from .subjects import CROSS_PROCESS_LAYERS, close_layer, open_layer, short
 from .tally import message, raw_payload
 
-LAYERS = (
-    "crossws-redis",
-    "crossws-pgsql",
-    "crossws-mp",
-    "redis-pubsub",
-    "redis-core",
-    "channels-postgres",
-)
 RAW = ("raw-redis", "raw-pg")
 PINGER, PONGER = 0, 1
 REPLY_TIMEOUT = 5.0
@@ -150,8 +142,8 @@ class ScenarioB:
 
     def cases(self, sizes: Sizes) -> list[Case]:
         return [
-            Case("group_send", {"mode": "group_send"}, LAYERS + RAW),
-            Case("send", {"mode": "send"}, LAYERS + RAW),
+            Case("group_send", {"mode": "group_send"}, CROSS_PROCESS_LAYERS + RAW),
+            Case("send", {"mode": "send"}, CROSS_PROCESS_LAYERS + RAW),
         ]
 
     def layout(self, case: Case) -> Layout:

@@ -82,6 +82,17 @@ SUBJECTS: dict[str, Subject] = {
 }
 
 
+# The channel layers that relay between processes (A, B), in table order.
+CROSS_PROCESS_LAYERS = (
+    "crossws-redis",
+    "crossws-pgsql",
+    "crossws-mp",
+    "redis-pubsub",
+    "redis-core",
+    "channels-postgres",
+)
+
+
 def short(key: str) -> str:
     """A short code for ``key`` in names (channels-postgres allows 100 bytes per group key)."""
     return f"s{list(SUBJECTS).index(key)}"
