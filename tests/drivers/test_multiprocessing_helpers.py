@@ -1,18 +1,13 @@
 """Helpers shared by the multiprocessing tests: relays and layers in real OS processes.
 
 Not a test module itself; it sits under a ``test_`` name so that it stays next to the
-tests that use it. Run as ``python -m tests.drivers.test_multiprocessing_helpers CONFIG``
-it is an *agent*: a process holding one ``BackplaneChannelLayer`` built from the JSON
-``CONFIG``, driven by JSON lines on stdin (``{"id": 1, "op": "send", "args": [...]}``)
-and answering each on stdout (``{"id": 1, "ok": true, "result": ...}``), concurrently, so
-a waiting ``receive`` does not hold up the next command. Bytes travel as
-``{"$bytes": "<base64>"}``.
+tests that use it. Its :class:`Agent` drives an agent process (:mod:`tests.agent`, a
+process holding one ``BackplaneChannelLayer``) from the test's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -23,11 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from crossws_channels.drivers import _mp_paths as paths
+from tests.agent import ROOT, AgentError, child_env, from_json, to_json
 
 __all__ = [
     "ROOT",
@@ -39,17 +35,6 @@ __all__ = [
     "short_socket_dir",
     "to_json",
 ]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child process that imports this checkout."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CROSSWS_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 @contextlib.contextmanager
@@ -156,36 +141,6 @@ class RelayProcess:
 # Agents: layers in other processes.
 
 
-def to_json(value: Any) -> Any:
-    """``value`` with bytes replaced by ``{"$bytes": base64}``, for JSON."""
-    if isinstance(value, bytes):
-        return {"$bytes": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, dict):
-        return {key: to_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(item) for item in value]
-    return value
-
-
-def from_json(value: Any) -> Any:
-    """The inverse of :func:`to_json`."""
-    if isinstance(value, dict):
-        if set(value) == {"$bytes"}:
-            return base64.b64decode(value["$bytes"])
-        return {key: from_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [from_json(item) for item in value]
-    return value
-
-
-class AgentError(Exception):
-    """A command failed in the agent; ``name`` is the exception's class there."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-
-
 class Agent:
     """A layer in another process, driven from the test's event loop."""
 
@@ -205,7 +160,7 @@ class Agent:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tests.drivers.test_multiprocessing_helpers",
+                "tests.agent",
                 json.dumps(config),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -281,73 +236,3 @@ class Agent:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._reader, 5)
-
-
-async def _agent_receive(layer: Any, channel: str, timeout: float) -> Any:
-    try:
-        return await asyncio.wait_for(layer.receive(channel), timeout)
-    except asyncio.TimeoutError:
-        return None
-
-
-async def _agent_drain(layer: Any, channel: str, idle: float) -> list[Any]:
-    received = []
-    while (message := await _agent_receive(layer, channel, idle)) is not None:
-        received.append(message)
-    return received
-
-
-async def _agent_main(config: dict[str, Any]) -> None:
-    import django
-
-    django.setup()
-    from crossws_channels.layer import BackplaneChannelLayer
-
-    layer = BackplaneChannelLayer(**config)
-    await layer.new_channel()  # returns once the subscription is in place
-    loop = asyncio.get_running_loop()
-    out = sys.stdout
-
-    def write(payload: dict[str, Any]) -> None:
-        out.write(json.dumps(to_json(payload)) + "\n")
-        out.flush()
-
-    write({"instance_id": layer.instance_id, "pid": os.getpid()})
-    operations: dict[str, Callable[..., Awaitable[Any]]] = {
-        "new_channel": layer.new_channel,
-        "send": layer.send,
-        "group_add": layer.group_add,
-        "group_discard": layer.group_discard,
-        "group_send": layer.group_send,
-        "flush": layer.flush,
-        "receive": lambda *a: _agent_receive(layer, *a),
-        "drain": lambda *a: _agent_drain(layer, *a),
-    }
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def handle(command: dict[str, Any]) -> None:
-        op, args = command["op"], from_json(command["args"])
-        try:
-            result = layer.stats() if op == "stats" else await operations[op](*args)
-        except Exception as exc:
-            write(
-                {"id": command["id"], "ok": False, "error": type(exc).__name__, "message": str(exc)}
-            )
-        else:
-            write({"id": command["id"], "ok": True, "result": result})
-
-    while line := await loop.run_in_executor(None, sys.stdin.readline):
-        if not line.strip():
-            break
-        task = loop.create_task(handle(json.loads(line)))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await layer.close()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
-    asyncio.run(_agent_main(json.loads(sys.argv[1])))

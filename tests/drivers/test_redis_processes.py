@@ -1,146 +1,22 @@
 """BackplaneChannelLayer with the redis driver across real OS processes.
 
-Each test starts agent processes (``tests/drivers/_redis_agent.py``), each holding one
-layer, and drives them over stdin/stdout; assertions run here.
+Each test starts agent processes (:mod:`tests.agent`), each holding one layer, and drives
+them over stdin/stdout; assertions run here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from crossws_channels.drivers.redis import WireNames
+from tests.agent import Agent, AgentError
 from tests.drivers._redis_support import client_list, named, unique
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 30.0
-CALL_TIMEOUT = 15.0
-
-
-class AgentError(Exception):
-    """A command failed in the agent; ``name`` is the exception's class name there."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-
-
-class Agent:
-    """One agent process: submit commands, collect their answers (in any order)."""
-
-    def __init__(self, config: dict[str, Any], mode: str = "async") -> None:
-        descriptor, name = tempfile.mkstemp(prefix="crossws-agent-", suffix=".log")
-        os.close(descriptor)
-        self.log = Path(name)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        }
-        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.drivers._redis_agent", json.dumps(config), mode],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        self._answers: dict[int, dict[str, Any]] = {}
-        self._events: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._next_id = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.instance_id = ""
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            answer = json.loads(line)
-            with self._changed:
-                if "id" in answer:
-                    self._answers[answer["id"]] = answer
-                else:
-                    self._events.append(answer)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def _wait(self, found: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while (value := found()) is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.process.poll() is not None:
-                    raise AssertionError(f"agent: no {what} within {timeout} s\n{self.stderr()}")
-                self._changed.wait(remaining)
-            return value
-
-    def event(self, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-        """The next line the agent wrote that answers no command."""
-        event: dict[str, Any] = self._wait(
-            lambda: self._events.pop(0) if self._events else None, timeout, "event"
-        )
-        return event
-
-    def wait_ready(self) -> Agent:
-        ready = self.event(START_TIMEOUT)
-        assert ready["ready"]
-        self.instance_id = ready["instance_id"]
-        return self
-
-    def write(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
-
-    def submit(self, op: str, *args: Any) -> int:
-        self._next_id += 1
-        self.write(json.dumps({"id": self._next_id, "op": op, "args": list(args)}))
-        return self._next_id
-
-    def result(self, command: int, timeout: float = CALL_TIMEOUT) -> Any:
-        answer = self._wait(lambda: self._answers.pop(command, None), timeout, f"answer {command}")
-        if not answer["ok"]:
-            raise AgentError(answer["error"], answer["message"])
-        return answer["result"]
-
-    def call(self, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        return self.result(self.submit(op, *args), timeout)
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        """Ask the agent to close its layer and exit; kill it if it does not."""
-        if self.process.poll() is None:
-            try:
-                self.write("")
-                self.process.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(5)
-        self._reader.join(5)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self.log.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -150,7 +26,7 @@ def agents(redis_url: str) -> Iterator[Any]:
 
     def start(count: int, mode: str = "async", **config: Any) -> list[Agent]:
         config = {"driver": "redis", "url": redis_url, **config}
-        batch = [Agent(config, mode) for _ in range(count)]
+        batch = [Agent(config, sync=mode == "sync") for _ in range(count)]
         started.extend(batch)
         return [agent.wait_ready() for agent in batch]
 
