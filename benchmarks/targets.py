@@ -1,4 +1,4 @@
-"""The targets of issue 6, checked against a run's medians."""
+"""The performance targets the project holds itself to, checked against a run's medians."""
 
 from __future__ import annotations
 
@@ -174,8 +174,15 @@ TARGETS = [
     ),
     Target(
         "pgsql",
-        "A K=1 ≥ 0.45x raw pg pipelined (or batched, if faster)",
-        _ratio("A", "K=1", "rate", "crossws-pgsql", ("raw-pg-pipe", "raw-pg-batch"), 0.45, True),
+        "A K=1 ≥ 0.45x raw pg pipelined",
+        _ratio("A", "K=1", "rate", "crossws-pgsql", "raw-pg-pipe", 0.45, True),
+    ),
+    # Not one of the issue's targets: the same bound against the fastest way to hand
+    # PostgreSQL many notifications, one statement per batch, kept as the stricter reference.
+    Target(
+        "pgsql",
+        "A K=1 ≥ 0.45x raw pg batched (stricter reference)",
+        _ratio("A", "K=1", "rate", "crossws-pgsql", "raw-pg-batch", 0.45, True),
     ),
     Target(
         "pgsql", "B p50 ≤ 1.2x raw pg (group_send; send)", _b("crossws-pgsql", "raw-pg", "p50", 1.2)
