@@ -148,6 +148,22 @@ class _Notifications:
             sink(*self._early.popleft())
 
 
+class _InFlight:
+    """``with session._in_flight:`` around each operation on a :class:`PsycopgSession`,
+    which counts them, to free its connection only when none is left."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: PsycopgSession) -> None:
+        self._session = session
+
+    def __enter__(self) -> None:
+        self._session._busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._session._leave()
+
+
 class PsycopgSession(_Notifications):
     """A psycopg 3 ``AsyncConnection`` in autocommit mode."""
 
@@ -161,16 +177,16 @@ class PsycopgSession(_Notifications):
         # Operations in flight (statements, the reader); the connection is freed only
         # when none is left.
         self._busy = 0
+        self._in_flight = _InFlight(self)
         self._idle: asyncio.Future[None] | None = None
         self._finish_when_idle = False
         self._handler_added = False
 
     # Operations in flight
 
-    def _enter(self) -> None:
-        self._busy += 1
-
     def _leave(self) -> None:
+        """One operation less in flight; the last one out frees the connection if its
+        closing waits for that."""
         self._busy -= 1
         if self._busy:
             return
@@ -212,41 +228,29 @@ class PsycopgSession(_Notifications):
     # Statements
 
     async def fetch(self, query: str, *args: object) -> list[tuple[Any, ...]]:
-        self._enter()
-        try:
+        with self._in_flight:
             cursor = self._raw
             await cursor.execute(query, args)
             if cursor.description is None:
                 return []
             return await cursor.fetchall()
-        finally:
-            self._leave()
 
     async def execute(self, query: str, *args: object) -> None:
-        self._enter()
-        try:
+        with self._in_flight:
             await self._raw.execute(query, args)
-        finally:
-            self._leave()
 
     async def notify_many(self, channels: str | Sequence[str], payloads: Sequence[str]) -> None:
-        self._enter()
-        try:
+        with self._in_flight:
             if isinstance(channels, str):
                 await self._cursor.execute(_PSYCOPG_NOTIFY_SAME, (channels, payloads))
             else:
                 await self._cursor.execute(_PSYCOPG_NOTIFY_MANY, (channels, payloads))
-        finally:
-            self._leave()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Any]:
-        self._enter()
-        try:
+        with self._in_flight:
             async with self.conn.transaction() as tx:
                 yield tx
-        finally:
-            self._leave()
 
     # Notifications
 
@@ -261,11 +265,8 @@ class PsycopgSession(_Notifications):
         statement = sql.SQL("; ").join(
             sql.SQL("LISTEN {}").format(sql.Identifier(channel)) for channel in channels
         )
-        self._enter()
-        try:
+        with self._in_flight:
             await self.conn.execute(statement)
-        finally:
-            self._leave()
         self._channels.extend(channels)
 
     async def unlisten(self) -> None:
@@ -274,11 +275,8 @@ class PsycopgSession(_Notifications):
                 sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)) for channel in self._channels
             )
             self._channels = []
-            self._enter()
-            try:
+            with self._in_flight:
                 await self.conn.execute(statement)
-            finally:
-                self._leave()
         if self._handler_added:
             self._handler_added = False
             self.conn.remove_notify_handler(self._on_notify)
@@ -330,8 +328,7 @@ class PsycopgSession(_Notifications):
             else:
                 timers.append(loop.call_at(due, check))
 
-        self._enter()
-        try:
+        with self._in_flight:
             drain()  # what libpq already holds: the socket won't signal it
             loop.add_reader(fd, readable)
             timers = [loop.call_at(heard + quiet, check)]
@@ -340,8 +337,6 @@ class PsycopgSession(_Notifications):
             finally:
                 timers[-1].cancel()
                 loop.remove_reader(fd)
-        finally:
-            self._leave()
 
     async def _ping(self, timeout: float) -> None:
         # Not asyncio.wait_for: cancelling a statement in flight makes psycopg ask the

@@ -15,6 +15,7 @@ several worker channels can be popped at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import time
@@ -128,16 +129,12 @@ class WorkerQueues:
         self._idle: list[CommandConnection] = []
         self._busy: set[CommandConnection] = set()
         self._released = False
-        self._keys: dict[str, bytes] = {}
+        # Each worker channel's key, encoded for commands once per channel.
+        self._key = functools.lru_cache(maxsize=_KEY_MEMORY)(self._new_key)
         self._deadlines: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
-    def _key(self, channel: str) -> bytes:
-        key = self._keys.get(channel)
-        if key is None:
-            if len(self._keys) >= _KEY_MEMORY:
-                self._keys.clear()
-            key = self._keys[channel] = self._names.queue(channel).encode("utf-8")
-        return key
+    def _new_key(self, channel: str) -> bytes:
+        return self._names.queue(channel).encode("utf-8")
 
     async def push(self, channel: str, item: str, capacity: int, expires: float) -> bool:
         # A time to live rather than the deadline itself: the script adds it to the

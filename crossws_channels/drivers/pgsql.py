@@ -441,13 +441,15 @@ class PgsqlDriver:
                 self._backlog_task = asyncio.get_running_loop().create_task(self._drain_backlog())
             return
         deliver = self._deliver
-        if deliver is None:
-            return
+        if deliver is not None:
+            self._hand_to(deliver, payload)
+
+    def _hand_to(self, deliver: Deliver, payload: str) -> None:
         try:
             deliver(payload)
         except Exception:
             # The layer promises deliver never raises; keep listening if it does anyway.
-            logger.exception("pgsql channel %r: deliver raised", names.broadcast)
+            logger.exception("pgsql channel %r: deliver raised", self.names.broadcast)
 
     async def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -467,10 +469,7 @@ class PgsqlDriver:
                         continue
                 # Removed only now: while it is read, new arrivals queue up behind it.
                 backlog.popleft()
-                try:
-                    deliver(payload)
-                except Exception:
-                    logger.exception("pgsql channel %r: deliver raised", self.names.broadcast)
+                self._hand_to(deliver, payload)
         finally:
             self._backlog_task = None
 

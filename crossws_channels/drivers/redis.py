@@ -22,6 +22,7 @@ opened on that loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -102,7 +103,8 @@ class RedisDriver:
         self._client = connections.client(command_name)
         self._publisher = CommandConnection(connections, command_name)
         self._broadcast_header = _publish_header(self.names.broadcast)
-        self._direct_headers: dict[str, bytes] = {}
+        # The packed PUBLISH header of each target instance, computed once per instance.
+        self._direct_header = functools.lru_cache(maxsize=_HEADER_MEMORY)(self._new_direct_header)
         self._closed = False
         self._deliver: Deliver | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -148,14 +150,8 @@ class RedisDriver:
         ]
         _raise_first(await self._publisher.execute(b"".join(parts), len(parts)))
 
-    def _direct_header(self, instance_id: str) -> bytes:
-        header = self._direct_headers.get(instance_id)
-        if header is None:
-            if len(self._direct_headers) >= _HEADER_MEMORY:
-                self._direct_headers.clear()
-            header = _publish_header(self.names.direct(instance_id))
-            self._direct_headers[instance_id] = header
-        return header
+    def _new_direct_header(self, instance_id: str) -> bytes:
+        return _publish_header(self.names.direct(instance_id))
 
     # Relay in
 
