@@ -56,6 +56,18 @@ async def raw_client(url: str, **kwargs: Any) -> AsyncIterator[redis.asyncio.Red
         await client.aclose()
 
 
+async def pubsub_messages(pubsub: Any, count: int) -> list[bytes]:
+    """The data of the next ``count`` messages a redis-py PubSub receives (skipping
+    subscription confirmations), each within 2 s."""
+    received: list[bytes] = []
+    while len(received) < count:
+        message = await pubsub.get_message(timeout=2)
+        assert message is not None
+        if message["type"] == "message":
+            received.append(message["data"])
+    return received
+
+
 @asynccontextmanager
 async def subscribed(
     url: str, channel: str, instance_id: str | None = None, **options: Any

@@ -28,7 +28,14 @@ from crossws_channels.drivers._redis_conn import bounded_compat
 from crossws_channels.drivers.redis import RedisDriver, WireNames
 from crossws_channels.envelope import SyncMessage, decode_envelope, encode_envelope
 from crossws_channels.errors import ConfigurationError
-from tests.drivers._redis_support import client_list, named, raw_client, subscribed, unique
+from tests.drivers._redis_support import (
+    client_list,
+    named,
+    pubsub_messages,
+    raw_client,
+    subscribed,
+    unique,
+)
 from tests.drivers.collector import Collector
 from tests.servers import RedisServer, free_port, wait_for_port
 
@@ -215,13 +222,7 @@ async def test_broadcast_uses_the_channel_name_on_the_wire(redis_url: str) -> No
         await raw.publish(channel, "from-crossws")
         await got.wait_for(lambda c: c.raw == [b"from-crossws"])
         await driver.publish("from-django")
-        received: list[bytes] = []
-        while len(received) < 2:
-            message = await pubsub.get_message(timeout=2)
-            assert message is not None
-            if message["type"] == "message":
-                received.append(message["data"])
-        assert received == [b"from-crossws", b"from-django"]
+        assert await pubsub_messages(pubsub, 2) == [b"from-crossws", b"from-django"]
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
@@ -330,13 +331,7 @@ async def test_refused_publishes_raise_and_the_rest_go_through(redis_server: Red
             with pytest.raises(redis.exceptions.NoPermissionError, match="channels"):
                 await driver.publish_batch([(None, "a"), ("elsewhere", "b"), (None, "c")])
             await driver.publish("d")
-            received: list[bytes] = []
-            while len(received) < 3:
-                message = await pubsub.get_message(timeout=2)
-                assert message is not None
-                if message["type"] == "message":
-                    received.append(message["data"])
-            assert received == [b"a", b"c", b"d"]
+            assert await pubsub_messages(pubsub, 3) == [b"a", b"c", b"d"]
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             await driver.close()
