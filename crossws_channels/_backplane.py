@@ -197,6 +197,8 @@ class Backplane:
         self._stop: asyncio.Future[None] | None = None
 
         self._outbox: deque[_Outgoing] = deque()
+        # Set when the backplane stops: the flusher sends what is queued, then ends.
+        self._closing = False
         self._flusher_idle = False
         self._flusher_wake: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
@@ -286,6 +288,7 @@ class Backplane:
 
     async def _run(self, driver: Driver, stop: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
+        self._closing = False
         flusher = loop.create_task(self._flush_forever(driver))
         sweeper = loop.create_task(self._sweep_forever())
         subscriber = loop.create_task(self._subscribe(driver))
@@ -298,12 +301,21 @@ class Backplane:
             ended = True
             raise
         finally:
-            helpers = [subscriber, sweeper, flusher, *extras, *self._fetchers.values()]
+            helpers = [subscriber, sweeper, *extras, *self._fetchers.values()]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             self._fetchers.clear()
             self._wanted.clear()
+            # Let the flusher finish the batch it is writing, and what queued behind it:
+            # cancelling a write that may be on the wire already would leave no choice
+            # but to lose the batch or send it twice.
+            self._closing = True
+            self._wake_flusher()
+            await asyncio.wait({flusher}, timeout=DRAIN_TIMEOUT)
+            if not flusher.done():
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
             await self._drain(driver)
             try:
                 await asyncio.wait_for(driver.close(), DRAIN_TIMEOUT)
@@ -409,6 +421,21 @@ class Backplane:
                 "a message waited %ss to be relayed; not waiting longer", HANDOVER_TIMEOUT
             )
 
+    def post(self, target: str | None, text: str) -> None:
+        """Queue one envelope for relaying, from any thread, without waiting (control
+        traffic: credits). Dropped if the backplane is not running."""
+        home = self._home
+        if home is None:
+            return
+        self._outbox.append(_Outgoing(target, text))
+        if self._on_home():
+            self._wake_flusher()
+        else:
+            try:
+                home.call_soon_threadsafe(self._wake_flusher)
+            except RuntimeError:
+                pass
+
     def _wake_flusher(self) -> None:
         if self._flusher_idle:
             self._flusher_idle = False
@@ -449,6 +476,8 @@ class Backplane:
         while True:
             if not outbox:
                 self._signal_room()
+                if self._closing:
+                    return
                 self._flusher_wake = loop.create_future()
                 self._flusher_idle = True
                 if outbox:  # something arrived between the check and going idle
@@ -476,7 +505,8 @@ class Backplane:
                         await driver.publish(item.text)
                     sent += 1
         except asyncio.CancelledError:
-            self._outbox.extendleft(reversed(batch[sent:]))
+            # The batch may be on the wire already: never send it again (at most once).
+            self._stats.incr("dropped.publish", len(batch) - sent)
             raise
         except Exception as exc:
             self._stats.incr("dropped.publish", len(batch) - sent)

@@ -75,6 +75,7 @@ class Heartbeat:
         publish: Callable[[str], Any],
         healthy: Callable[[], bool],
         on_deaf: Callable[[DeafSubscription], None],
+        excused: Callable[[float], bool] | None = None,
     ) -> None:
         self.interval = interval
         # The echo must come back within this; relays answer in milliseconds.
@@ -82,6 +83,9 @@ class Heartbeat:
         self._publish = publish
         self._healthy = healthy
         self._on_deaf = on_deaf
+        # excused(t): whether the subscription was paused (by backpressure) since t, so
+        # that a heartbeat it could not read yet proves nothing.
+        self._excused = excused
         self._counter = itertools.count(1)
         self._waiting: tuple[str, asyncio.Future[None]] | None = None
 
@@ -105,7 +109,8 @@ class Heartbeat:
             try:
                 await asyncio.wait_for(echo, self.timeout)
             except asyncio.TimeoutError:
-                if self._healthy():
+                excused = self._excused is not None and self._excused(started)
+                if self._healthy() and not excused:
                     self._on_deaf(
                         DeafSubscription(
                             f"the backplane subscription is connected but deaf: a heartbeat "

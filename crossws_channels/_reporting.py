@@ -4,6 +4,12 @@ Failures never raise into ``send``/``group_send``; they end here, in the ``on_er
 hook or, without one, in ``logging``. An outage (a broken subscription, a backplane that
 refuses writes) is reported once when it starts, not once per failed message, and its
 end is logged.
+
+Events that can happen once per message (a drop for a full channel, an expiry, malformed
+traffic, a gap in a sender's numbering) are *tallied*: counted exactly in ``stats()``, and
+reported at most once per key (a group, a channel) per :data:`REPORT_INTERVAL`, each
+report carrying the count since the previous one. A process that is falling behind must
+not also spend its time writing one log line per message it could not deliver.
 """
 
 from __future__ import annotations
@@ -14,14 +20,58 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from .errors import ErrorHandler, Stage
 
 logger = logging.getLogger("crossws_channels")
 
-__all__ = ["Reporter", "Stats"]
+__all__ = ["REPORT_INTERVAL", "MakeReport", "Reporter", "Stats"]
+
+REPORT_INTERVAL = 1.0
+"""At most one report per tally key in this many seconds."""
+# Keys tallied at once. Past this, events of a kind share one key (subject None), so
+# traffic naming many groups or senders can't grow this state without bound.
+MAX_TALLIES = 256
+# Names (channels, senders, descriptions) a report lists; the count covers all of them.
+MAX_NAMES = 8
+
+MakeReport: TypeAlias = Callable[["str | None", int, "dict[str, int]"], Exception]
+"""Builds the error of one report: ``make(subject, count, names)``, where ``names`` maps
+up to :data:`MAX_NAMES` names to their share of ``count``; ``subject`` is ``None`` when
+the key overflowed into its kind's shared one."""
+
+
+@dataclass(slots=True)
+class _Tally:
+    stage: Stage
+    make: MakeReport
+    subject: str | None
+    count: int = 0
+    names: Counter[str] = field(default_factory=Counter)
+    reported_at: float = float("-inf")
+
+    def note(self, count: int, names: Iterable[str] | Mapping[str, int]) -> None:
+        self.count += count
+        shares: Iterable[tuple[str, int]]
+        if isinstance(names, Mapping):
+            shares = names.items()
+        else:
+            listed = list(names)
+            # One name takes the whole count; several share it, one each.
+            shares = [(listed[0], count)] if len(listed) == 1 else [(n, 1) for n in listed]
+        for name, share in shares:
+            if name in self.names or len(self.names) < MAX_NAMES:
+                self.names[name] += share
+
+    def take(self, now: float) -> Exception:
+        error = self.make(self.subject, self.count, dict(self.names))
+        self.count = 0
+        self.names.clear()
+        self.reported_at = now
+        return error
 
 
 class Stats:
@@ -35,17 +85,9 @@ class Stats:
         with self._lock:
             self._counts[name] += amount
 
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._counts[name]
-
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._counts.clear()
 
 
 class Reporter:
@@ -63,13 +105,14 @@ class Reporter:
         self._outages: dict[str, float] = {}
         self._lock = threading.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
-        # Rate limit for reports that can come in floods (malformed traffic).
-        self._last_flood_report: dict[str, float] = {}
-        self._flood_suppressed: Counter[str] = Counter()
+        self._tallies: dict[tuple[str, str | None], _Tally] = {}
 
     def report(self, error: Exception, stage: Stage) -> None:
         """Hand ``error`` to the hook, or log it. Never raises."""
         self._stats.incr(f"errors.{stage}")
+        self._hand_over(error, stage)
+
+    def _hand_over(self, error: Exception, stage: Stage) -> None:
         if self._hook is None:
             logger.warning("backplane %s failed: %s", stage, error, exc_info=error)
             return
@@ -81,20 +124,59 @@ class Reporter:
         if inspect.isawaitable(result):
             self._schedule(result, stage)
 
-    def report_flood(self, key: str, error: Exception, stage: Stage, interval: float = 1.0) -> None:
-        """Report ``error`` unless one of the same ``key`` was reported within ``interval``."""
+    def tally(
+        self,
+        kind: str,
+        subject: str | None,
+        stage: Stage,
+        make: MakeReport,
+        count: int = 1,
+        names: Iterable[str] | Mapping[str, int] = (),
+    ) -> None:
+        """Count ``count`` events of ``kind`` about ``subject`` (a group, a channel) and
+        report them, aggregated: at once if the key had no report within the interval,
+        otherwise with the next report that :meth:`flush_due` makes. Never raises."""
+        self._stats.incr(f"errors.{stage}", count)
         now = time.monotonic()
         with self._lock:
-            last = self._last_flood_report.get(key)
-            if last is not None and now - last < interval:
-                self._flood_suppressed[key] += 1
-                self._stats.incr(f"errors.{stage}")
+            tallies = self._tallies
+            key = (kind, subject)
+            entry = tallies.get(key)
+            if entry is None:
+                if len(tallies) >= MAX_TALLIES:
+                    self._forget_idle(now)
+                if len(tallies) >= MAX_TALLIES:
+                    key = (kind, None)
+                    entry = tallies.get(key)
+                if entry is None:
+                    entry = tallies[key] = _Tally(stage, make, key[1])
+            entry.note(count, names)
+            if now - entry.reported_at < REPORT_INTERVAL:
                 return
-            self._last_flood_report[key] = now
-            suppressed = self._flood_suppressed.pop(key, 0)
-        if suppressed:
-            logger.warning("%d more %s reports were suppressed in the last second", suppressed, key)
-        self.report(error, stage)
+            error = entry.take(now)
+        self._hand_over(error, stage)
+
+    def flush_due(self, everything: bool = False) -> None:
+        """Make the reports whose interval has passed (all pending ones, at close)."""
+        now = time.monotonic()
+        due: list[tuple[Exception, Stage]] = []
+        with self._lock:
+            for entry in self._tallies.values():
+                if entry.count and (everything or now - entry.reported_at >= REPORT_INTERVAL):
+                    due.append((entry.take(now), entry.stage))
+            self._forget_idle(now)
+        for error, stage in due:
+            self._hand_over(error, stage)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop keys with nothing pending and no report within the interval."""
+        idle = [
+            key
+            for key, entry in self._tallies.items()
+            if not entry.count and now - entry.reported_at >= REPORT_INTERVAL
+        ]
+        for key in idle:
+            del self._tallies[key]
 
     def outage_started(self, key: str, error: Exception, stage: Stage) -> bool:
         """Report the first failure of an outage; later ones only count. True if new."""

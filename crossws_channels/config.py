@@ -42,6 +42,7 @@ LAYER_KEYS = frozenset(
         "namespace",
         "heartbeat",
         "resync_type",
+        "backpressure",
     }
 )
 """Keys the layer uses itself; every other CONFIG key is an option of the driver."""
@@ -51,6 +52,10 @@ DEFAULT_GROUP_EXPIRY = 86400.0
 DEFAULT_CAPACITY = 100
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 DEFAULT_HEARTBEAT = 15.0
+DEFAULT_BACKPRESSURE = 1.0
+# A pause longer than this would hold up every channel of a process for too long, and
+# outlast the heartbeat's patience (a paused subscription reads nothing).
+MAX_BACKPRESSURE = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class LayerConfig:
     namespace: str = ""
     heartbeat: float = DEFAULT_HEARTBEAT
     resync_type: str | None = None
+    backpressure: float = DEFAULT_BACKPRESSURE
     alias: str | None = None
 
 
@@ -223,6 +229,16 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
             f"{setting_path(alias, 'resync_type')} must be a message type (a non-empty "
             f"string) or None, got {resync_type!r}"
         )
+    backpressure = config.get("backpressure", DEFAULT_BACKPRESSURE)
+    if (
+        isinstance(backpressure, bool)
+        or not isinstance(backpressure, (int, float))
+        or not 0 <= backpressure <= MAX_BACKPRESSURE
+    ):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'backpressure')} must be a number of seconds from 0 (off) "
+            f"to {MAX_BACKPRESSURE:g}, got {backpressure!r}"
+        )
     factory, driver_name = _driver(config.get("driver"), alias)
     options = {key: value for key, value in config.items() if key not in LAYER_KEYS}
     options["channel"] = channel
@@ -240,6 +256,7 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         namespace=namespace,
         heartbeat=float(heartbeat),
         resync_type=resync_type,
+        backpressure=float(backpressure),
         alias=alias,
     )
 

@@ -10,8 +10,8 @@ crossws's ``encodeEnvelope`` for the same input, and :func:`decode_envelope` acc
 crossws's ``decodeEnvelope`` accepts, so a crossws server and a Django project can share
 one backplane.
 
-crossws_channels may append its own top-level keys after ``msg`` (``seq``, ``exp``);
-crossws ignores keys it does not know.
+crossws_channels may append its own top-level keys after ``msg`` (``seq``, ``exp``,
+``ask``); crossws ignores keys it does not know.
 """
 
 from __future__ import annotations
@@ -40,14 +40,17 @@ class SyncMessage:
 class Envelope:
     """A decoded envelope: the sender's instance id and the message.
 
-    ``seq`` and ``expires`` are crossws_channels' own additions (a per-sender sequence
-    number and a wall-clock deadline); they are ``None`` in envelopes from crossws.
+    ``seq``, ``expires`` and ``ask`` are crossws_channels' own additions: a sequence
+    number (of the sender's broadcasts, or of its messages sent to channels), a
+    wall-clock deadline, and a request for credit (flow control of direct sends). They
+    are ``None`` (``False``) in envelopes from crossws.
     """
 
     id: str
     msg: SyncMessage
     seq: int | None = None
     expires: float | None = None
+    ask: bool = False
 
 
 # JavaScript strings are UTF-16: JSON.stringify writes a surrogate pair as the character
@@ -118,16 +121,19 @@ def encode_frame(
     *,
     seq: int | None = None,
     expires: float | None = None,
+    ask: bool = False,
 ) -> str:
     """Encode an envelope with crossws_channels' optional keys appended."""
     text = encode_envelope(instance_id, msg)
-    if seq is None and expires is None:
+    if seq is None and expires is None and not ask:
         return text
     extra = ""
     if seq is not None:
         extra += f',"seq":{seq:d}'
     if expires is not None:
         extra += f',"exp":{expires!r}'
+    if ask:
+        extra += ',"ask":true'
     return text[:-1] + extra + "}"
 
 
@@ -197,6 +203,7 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
             float(expires)
             if isinstance(expires, (int, float)) and not isinstance(expires, bool)
             else None,
+            parsed.get("ask") is True,
         )
     except Exception:
         # Malformed input of any shape (bad UTF-8, bad JSON, nesting too deep for the

@@ -6,6 +6,9 @@ The tree::
     ├── ConfigurationError      (also django's ImproperlyConfigured)
     ├── MessageTooLarge         (also ValueError)
     ├── MessageExpired          reported: a message waited longer than ``expiry``
+    ├── MessagesDropped         reported: messages dropped for channels at capacity
+    │                           (also Channels' ChannelFull)
+    ├── ChannelStalled          reported: a full channel's consumer stopped reading
     └── BackplaneError
         ├── MalformedMessage    reported: backplane traffic that could not be decoded
         ├── MessagesLost        reported: a sender's sequence numbers skipped some
@@ -16,7 +19,12 @@ The tree::
 ``MessageTooLarge`` and ``ConfigurationError`` are raised to the caller. The others are
 never raised into ``send``/``group_send``: the layer hands them to the ``on_error`` hook
 (or to ``logging``) with the stage they happened in. A full channel is reported with
-Channels' own :class:`channels.exceptions.ChannelFull`.
+Channels' own :class:`channels.exceptions.ChannelFull` when ``send`` raises it, and with
+its subclass :class:`MessagesDropped` when the layer reports drops.
+
+Reports of things that can happen once per message (drops, expiries, malformed traffic,
+lost messages) are aggregated: at most one per key (a group, a channel) per second, each
+carrying the count since the previous one.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Literal, Protocol, TypeAlias
 
+from channels.exceptions import ChannelFull
 from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     "STAGES",
     "BackplaneError",
     "BackplaneOverloaded",
+    "ChannelStalled",
     "ConfigurationError",
     "CrosswsChannelsError",
     "DeafSubscription",
@@ -37,6 +47,7 @@ __all__ = [
     "MalformedMessage",
     "MessageExpired",
     "MessageTooLarge",
+    "MessagesDropped",
     "MessagesLost",
     "RelayUnavailable",
     "Stage",
@@ -89,13 +100,49 @@ class MessageTooLarge(CrosswsChannelsError, ValueError):
         self.limit = limit
 
 
+def _names(channels: Sequence[str]) -> str:
+    names = ", ".join(repr(name) for name in channels[:3])
+    return names + (f" and {len(channels) - 3} more" if len(channels) > 3 else "")
+
+
 class MessageExpired(CrosswsChannelsError):
     """Messages waited longer than ``expiry`` for a receiver and were dropped."""
 
     def __init__(self, count: int, channels: Sequence[str]) -> None:
-        names = ", ".join(repr(name) for name in channels[:3])
-        more = f" and {len(channels) - 3} more" if len(channels) > 3 else ""
-        super().__init__(f"{count} message(s) expired unread on {names}{more}")
+        super().__init__(f"{count} message(s) expired unread on {_names(channels)}")
+        self.count = count
+        self.channels = list(channels)
+
+
+class MessagesDropped(CrosswsChannelsError, ChannelFull):
+    """Messages were dropped for channels at capacity whose consumers were not reading.
+
+    ``count`` messages since the previous report of the same ``group`` (or, for messages
+    sent to one channel, the same channel), over ``channels`` (a few of their names).
+    """
+
+    def __init__(self, count: int, channels: Sequence[str], group: str | None = None) -> None:
+        where = f" of group {group!r}" if group is not None else ""
+        super().__init__(
+            f"{count} message(s) dropped for full channel(s){where}: {_names(channels)}"
+        )
+        self.count = count
+        self.channels = list(channels)
+        self.group = group
+
+
+class ChannelStalled(CrosswsChannelsError):
+    """Full channels held up relaying for ``backpressure`` seconds without draining.
+
+    Relaying resumed without them: until they have drained to half their capacity,
+    messages beyond their capacity are dropped (and reported as :class:`MessagesDropped`).
+    """
+
+    def __init__(self, count: int, channels: Sequence[str]) -> None:
+        super().__init__(
+            f"{count} full channel(s) did not drain within the backpressure limit and no "
+            f"longer hold up relaying: {_names(channels)}"
+        )
         self.count = count
         self.channels = list(channels)
 
@@ -109,10 +156,20 @@ class MalformedMessage(BackplaneError):
 
 
 class MessagesLost(BackplaneError):
-    """Relayed messages from another instance never arrived (a gap in its numbering)."""
+    """Relayed messages from other instances never arrived (gaps in their numbering).
 
-    def __init__(self, sender: str, count: int) -> None:
-        super().__init__(f"{count} message(s) relayed by instance {sender} never arrived")
+    ``count`` in all since the previous report; ``by_sender`` splits it by sending
+    instance (the senders with the most losses, when there are many), and ``sender`` is
+    the one that lost the most.
+    """
+
+    def __init__(self, sender: str, count: int, by_sender: dict[str, int] | None = None) -> None:
+        self.by_sender = dict(by_sender) if by_sender else {sender: count}
+        if len(self.by_sender) > 1:
+            who = f"{len(self.by_sender)} instances (most by {sender})"
+        else:
+            who = f"instance {sender}"
+        super().__init__(f"{count} message(s) relayed by {who} never arrived")
         self.sender = sender
         self.count = count
 

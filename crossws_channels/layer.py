@@ -29,8 +29,10 @@ from channels.layers import BaseChannelLayer
 
 from . import serialize
 from ._backplane import Backplane
+from ._credits import CREDIT, PROBE, SendWindows
+from ._flow import InboundFlow
 from ._monitor import HEARTBEAT, PING, PONG, Heartbeat, Pinger, Pong, SequenceGaps, identity
-from ._registry import Item, Payload, Registry
+from ._registry import Credit, Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from .config import LayerConfig, build_driver, find_alias, parse_config
 from .drivers.base import Driver, SupportsDirect, SupportsFlush, SupportsWorkerQueue
@@ -39,6 +41,7 @@ from .errors import (
     DeafSubscription,
     MalformedMessage,
     MessageExpired,
+    MessagesDropped,
     MessagesLost,
     MessageTooLarge,
     Stage,
@@ -65,6 +68,30 @@ def _new_instance_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(INSTANCE_ID_LENGTH))
 
 
+# How the tallied reports (see _reporting) read: make(subject, count, names).
+
+
+def _dropped(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MessagesDropped(count, list(names))
+
+
+def _dropped_in_group(group: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MessagesDropped(count, list(names), group)
+
+
+def _expired(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MessageExpired(count, list(names))
+
+
+def _malformed(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MalformedMessage(f"{count} malformed message(s) dropped; " + "; ".join(names))
+
+
+def _lost(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    top = max(names, key=names.__getitem__) if names else "?"
+    return MessagesLost(top, count, names)
+
+
 class _Inbox:
     """The layer's side of a driver subscription (the ``Deliver`` protocol)."""
 
@@ -73,11 +100,12 @@ class _Inbox:
     def __init__(self, layer: BackplaneChannelLayer) -> None:
         self._layer = layer
 
-    def __call__(self, raw: str | bytes, /) -> None:
+    def __call__(self, raw: str | bytes, /) -> asyncio.Future[None] | None:
         try:
-            self._layer._on_raw(raw)
+            return self._layer._on_raw(raw)
         except Exception as exc:
             self._layer._reporter.report(exc, "delivery")
+            return None
 
     def report(self, error: Exception, stage: Stage, /) -> None:
         self._layer._reporter.report(error, stage)
@@ -130,6 +158,10 @@ class BackplaneChannelLayer(BaseChannelLayer):
         self._registry = Registry(
             self.get_capacity, lambda: self._backplane.shared_queues, self.config.expiry
         )
+        self._flow = InboundFlow(
+            self.config.backpressure, self._registry.lock, self._reporter, self._stats
+        )
+        self._windows = SendWindows(self.config.backpressure)
         self._supports_flush = isinstance(driver, SupportsFlush)
         self._valid_names: set[str] = set()
         # Our own envelopes start with this; the backplane echoes them back to us.
@@ -146,7 +178,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         send_heartbeat = self._heartbeat_route(driver)
         if self.config.heartbeat > 0 and send_heartbeat is not None:
             self._heartbeat = Heartbeat(
-                self.config.heartbeat, send_heartbeat, self._relay_healthy, self._deaf
+                self.config.heartbeat,
+                send_heartbeat,
+                self._relay_healthy,
+                self._deaf,
+                # A paused subscription reads nothing, its own heartbeat included.
+                excused=self._flow.paused_since,
             )
             self._backplane.periodic.append(self._heartbeat.run)
         self._next_group_sweep = monotonic() + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
@@ -202,13 +239,19 @@ class BackplaneChannelLayer(BaseChannelLayer):
         return payload
 
     def _frame(
-        self, topic: str, data: str | bytes, expires: float | None = None, seq: int | None = None
+        self,
+        topic: str,
+        data: str | bytes,
+        expires: float | None = None,
+        seq: int | None = None,
+        ask: bool = False,
     ) -> str:
         return encode_frame(
             self.instance_id,
             SyncMessage(self.config.namespace, topic, data),
             seq=seq,
             expires=expires,
+            ask=ask,
         )
 
     async def _broadcast(self, topic: str, data: str | bytes) -> None:
@@ -226,9 +269,10 @@ class BackplaneChannelLayer(BaseChannelLayer):
     async def send(self, channel: str, message: Message) -> None:
         """Send ``message`` to ``channel``, wherever in the cluster it is received.
 
-        Raises ``ChannelFull`` when a channel of this instance, or a worker channel, is
-        at capacity. A channel owned by another instance is checked there: if it is
-        full, that instance drops the message and reports it.
+        Raises ``ChannelFull`` when the channel is at capacity: a channel of this
+        instance or a worker channel at once; a channel of another instance once the
+        room that instance last granted is used up and no more comes within
+        ``backpressure`` seconds (see ``docs/semantics.md``).
         """
         self.require_valid_channel_name(channel)
         payload = self._serialize(message)
@@ -240,12 +284,33 @@ class BackplaneChannelLayer(BaseChannelLayer):
                     raise ChannelFull(channel)
                 return
         elif owner != self.instance_id:
-            await self._backplane.publish(owner, self._frame(channel, payload))
+            await self._send_remote(owner, channel, payload)
             return
         if not self._registry.put(channel, payload, monotonic() + self.config.expiry):
             self._stats.incr("dropped.full")
             raise ChannelFull(channel)
         self._stats.incr("delivered")
+
+    async def _send_remote(self, owner: str, channel: str, payload: Payload) -> None:
+        if self.config.backpressure <= 0:
+            await self._backplane.publish(owner, self._frame(channel, payload))
+            return
+
+        async def probe(last: int) -> None:
+            await self._backplane.publish(owner, self._frame(PROBE, json.dumps([channel, last])))
+
+        try:
+            number, ask = await self._windows.reserve(channel, self.get_capacity(channel), probe)
+        except ChannelFull:
+            self._stats.incr("refused.full")
+            raise
+        await self._backplane.publish(owner, self._frame(channel, payload, seq=number, ask=ask))
+
+    def _send_credits(self, credits: list[Credit]) -> None:
+        """Tell remote senders how much room they have (from any thread)."""
+        for sender, channel, seen, room in credits:
+            frame = self._frame(CREDIT, json.dumps([sender, channel, seen, room]))
+            self._backplane.post(sender, frame)
 
     async def _push_worker(self, channel: str, payload: Payload) -> bool:
         """Queue on a shared worker channel; False if it is full. Never raises otherwise."""
@@ -284,10 +349,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
             await backplane.subscribed()
         registry = self._registry
         while True:
-            payload, waiter, expired, shared = registry.take(channel, loop)
+            payload, waiter, expired, shared, credits = registry.take(channel, loop)
+            if credits:
+                self._send_credits(credits)
             if expired:
                 self._stats.incr("dropped.expired", expired)
-                self._reporter.report(MessageExpired(expired, [channel]), "delivery")
+                self._reporter.tally("expired", channel, "delivery", _expired, expired, [channel])
             if payload is None:
                 assert waiter is not None
                 if shared:
@@ -300,7 +367,10 @@ class BackplaneChannelLayer(BaseChannelLayer):
                         if handed is not None:
                             # Handed over just as we were cancelled: keep it for the next.
                             registry.put_back(channel, handed)
-                    for item in registry.abandon(channel, waiter):
+                    leftovers, credits = registry.abandon(channel, waiter)
+                    if credits:
+                        self._send_credits(credits)
+                    for item in leftovers:
                         self._return_worker_item(channel, item)
                     raise
                 if payload is None:
@@ -356,7 +426,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
         self._fan_out(group, payload)
         await self._broadcast(group, payload)
 
-    def _fan_out(self, group: str, payload: Payload) -> None:
+    def _fan_out(self, group: str, payload: Payload, flow: InboundFlow | None = None) -> None:
+        """Deliver to the members of ``group`` here; ``flow`` for a relayed message."""
         now = monotonic()
         item: Item = payload
         if self._registry.member_count(group) > 1:
@@ -364,22 +435,17 @@ class BackplaneChannelLayer(BaseChannelLayer):
             try:
                 item = serialize.Template(serialize.loads(payload))
             except Exception as exc:
-                self._drop_malformed(f"dropped a message for group {group!r}: {exc}")
+                self._drop_malformed(f"a message for group {group!r}: {exc}")
                 return
         result = self._registry.group_put(
-            group, item, now + self.config.expiry, now - self.config.group_expiry
+            group, item, now + self.config.expiry, now - self.config.group_expiry, flow, now
         )
         if result.delivered:
             self._stats.incr("delivered", result.delivered)
         if result.full:
             self._stats.incr("dropped.full", len(result.full))
-            names = ", ".join(result.full[:5]) + (" ..." if len(result.full) > 5 else "")
-            self._reporter.report(
-                ChannelFull(
-                    f"{len(result.full)} member(s) of group {group!r} are at capacity and "
-                    f"missed a message: {names}"
-                ),
-                "delivery",
+            self._reporter.tally(
+                "group full", group, "delivery", _dropped_in_group, len(result.full), result.full
             )
         for channel in result.shared:
             self._backplane.spawn(self._worker_pusher(channel, payload), f"push to {channel!r}")
@@ -393,13 +459,15 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 self._stats.incr("published")
             else:
                 self._stats.incr("dropped.full")
-                self._reporter.report(ChannelFull(channel), "delivery")
+                self._reporter.tally("full", channel, "delivery", _dropped, 1, [channel])
 
         return push
 
     async def flush(self) -> None:
         """Forget this instance's messages and groups, and the cluster's worker queues."""
-        self._registry.flush()
+        credits = self._registry.flush()
+        if credits:
+            self._send_credits(credits)
         if self._supports_flush:
 
             async def flush(driver: Driver) -> None:
@@ -411,6 +479,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
     async def close(self) -> None:
         """Relay what is queued (within a bound) and close the backplane connection."""
         await self._backplane.close()
+        self._reporter.flush_due(everything=True)
 
     def stats(self) -> dict[str, Any]:
         """Counters and sizes of this instance, for monitoring (see docs/operations.md)."""
@@ -436,15 +505,14 @@ class BackplaneChannelLayer(BaseChannelLayer):
             self._control_bytes not in raw[: self._echo_scan]
         )
 
-    def _on_raw(self, raw: str | bytes) -> None:
+    def _on_raw(self, raw: str | bytes) -> asyncio.Future[None] | None:
+        """One message from the driver; a future when the driver must pause (_flow)."""
         if self._own_echo(raw):
-            return
+            return None
         envelope = decode_envelope(raw)
         if envelope is None:
-            self._drop_malformed(
-                f"dropped {len(raw)} bytes of backplane traffic that is not an envelope"
-            )
-            return
+            self._drop_malformed(f"{len(raw)} bytes of backplane traffic that are not an envelope")
+            return None
         msg = envelope.msg
         topic = msg.topic
         sender = envelope.id
@@ -452,49 +520,66 @@ class BackplaneChannelLayer(BaseChannelLayer):
             # Our own echo: only the control messages we address to ourselves matter.
             if topic[:1] == "!":
                 self._on_control(sender, topic, msg.data)
-            return
+            return None
         self._stats.incr("relayed_in")
-        if envelope.seq is not None:  # only broadcasts are numbered
-            self._count_gap(sender, envelope.seq)
         if topic[:1] == "!":
+            if envelope.seq is not None:  # a broadcast: numbered per sender
+                self._count_gap(sender, envelope.seq)
             self._on_control(sender, topic, msg.data)
-            return
+            return None
         if "!" in topic:
-            if self._owner(topic) != self.instance_id:
-                return  # a direct send for another instance, relayed to everyone
-            # Only layer instances send to a channel: its data is a serialized message
-            # (checked when it is received).
-            data = msg.data
-            payload = data if isinstance(data, str) or data[:4] == serialize.BINARY_MARKER else None
-            if payload is None:
-                self._drop_malformed(f"dropped a direct message for {topic!r}: not a message")
-                return
-            if self._registry.put(topic, payload, monotonic() + self.config.expiry):
-                self._stats.incr("delivered")
-            else:
-                self._stats.incr("dropped.full")
-                self._reporter.report(ChannelFull(topic), "delivery")
-            return
+            self._on_direct(envelope.id, topic, msg.data, envelope.seq, envelope.ask)
+            return None
+        if envelope.seq is not None:
+            self._count_gap(sender, envelope.seq)
         if not self.group_name_regex.match(topic) or len(topic) >= self.MAX_NAME_LENGTH:
             logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
-            return
+            return None
         # A numbered envelope comes from a layer instance, whose data is a serialized
         # message (the fan-out or the receiver decodes it); crossws peers' data is
         # checked and wrapped here.
         payload = msg.data if envelope.seq is not None else self._inbound(msg)
-        if payload is not None:
-            self._fan_out(topic, payload)
+        if payload is None:
+            return None
+        flow = self._flow
+        self._fan_out(topic, payload, flow)
+        return flow.finish()
+
+    def _on_direct(
+        self, sender: str, channel: str, data: str | bytes, number: int | None, ask: bool
+    ) -> None:
+        """A message another instance sent to ``channel`` (numbered under flow control)."""
+        if self._owner(channel) != self.instance_id:
+            return  # a direct send for another instance, relayed to everyone
+        # Only layer instances send to a channel: its data is a serialized message
+        # (checked when it is received).
+        if not isinstance(data, str) and data[:4] != serialize.BINARY_MARKER:
+            self._drop_malformed(f"a direct message for {channel!r} that is not a message")
+            return
+        deadline = monotonic() + self.config.expiry
+        credit = None
+        if number is None:
+            taken = self._registry.put(channel, data, deadline)
+        else:
+            taken, credit = self._registry.put_direct(channel, data, deadline, sender, number, ask)
+        if taken:
+            self._stats.incr("delivered")
+        else:
+            self._stats.incr("dropped.full")
+            self._reporter.tally("full", channel, "delivery", _dropped, 1, [channel])
+        if credit is not None:
+            self._send_credits([credit])
 
     def _drop_malformed(self, what: str) -> None:
-        """Count and report (rate-limited) a malformed message that is dropped."""
+        """Count and report (aggregated) a malformed message that is dropped."""
         self._stats.incr("dropped.malformed")
-        self._reporter.report_flood("malformed", MalformedMessage(what), "delivery")
+        self._reporter.tally("malformed", None, "delivery", _malformed, 1, [what])
 
     def _count_gap(self, sender: str, seq: int) -> None:
         missing = self._gaps.observe(sender, seq)
         if missing:
             self._stats.incr("lost", missing)
-            self._reporter.report_flood(f"gap {sender}", MessagesLost(sender, missing), "delivery")
+            self._reporter.tally("lost", None, "delivery", _lost, missing, [sender])
 
     def _inbound(self, msg: SyncMessage) -> Payload | None:
         """Check relayed data is a message; wrap data from crossws peers as one."""
@@ -535,6 +620,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if topic == PONG:
             self._pinger.answered(sender, data)
             return
+        if topic == CREDIT:
+            self._on_credit(data)
+            return
+        if topic == PROBE:
+            self._on_probe(sender, data)
+            return
         if topic not in (_GROUP_ADD, _GROUP_DISCARD):
             logger.debug("ignoring an unknown control message %r", topic)
             return
@@ -547,6 +638,31 @@ class BackplaneChannelLayer(BaseChannelLayer):
             return
         if self._owner(channel) == self.instance_id:
             self._apply_membership(topic, group, channel)
+
+    def _on_credit(self, data: str) -> None:
+        try:
+            target, channel, seen, room = json.loads(data)
+            if not (isinstance(channel, str) and type(seen) is int and type(room) is int):
+                raise ValueError("not a channel, a number and a room")
+        except (ValueError, TypeError) as exc:
+            self._drop_malformed(f"a malformed {CREDIT} message: {exc}")
+            return
+        if target == self.instance_id:
+            self._windows.credit(channel, seen, room)
+
+    def _on_probe(self, sender: str, data: str) -> None:
+        try:
+            channel, number = json.loads(data)
+            self.require_valid_channel_name(channel)
+            if type(number) is not int:
+                raise ValueError("not a number")
+        except (ValueError, TypeError) as exc:
+            self._drop_malformed(f"a malformed {PROBE} message: {exc}")
+            return
+        if self._owner(channel) == self.instance_id:
+            credit = self._registry.probe(channel, sender, number)
+            if credit is not None:
+                self._send_credits([credit])
 
     # Monitoring
 
@@ -614,7 +730,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             return True
         if envelope.expires is not None and envelope.expires < time.time():
             self._stats.incr("dropped.expired")
-            self._reporter.report(MessageExpired(1, [channel]), "delivery")
+            self._reporter.tally("expired", channel, "delivery", _expired, 1, [channel])
             return True
         payload = self._inbound(envelope.msg)
         if payload is None:
@@ -641,11 +757,14 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if now >= self._next_group_sweep:
             group_expiry = self.config.group_expiry
             self._next_group_sweep = now + min(_GROUP_SWEEP_EVERY, self.config.group_expiry / 4)
-        expired = self._registry.sweep(group_expiry)
+        expired, credits = self._registry.sweep(group_expiry)
+        if credits:
+            self._send_credits(credits)
         if expired:
             total = sum(expired.values())
             self._stats.incr("dropped.expired", total)
-            self._reporter.report(MessageExpired(total, sorted(expired)), "delivery")
+            self._reporter.tally("expired", None, "delivery", _expired, total, expired)
+        self._reporter.flush_due()
 
 
 _layers: weakref.WeakSet[BackplaneChannelLayer] = weakref.WeakSet()

@@ -18,6 +18,9 @@ Run as ``python -m tests.agent CONFIG [--sync] [--database DSN]``, this module i
 Its first line is ``{"ready": true, "instance_id": ..., "pid": ...}``, written once the
 layer's subscription is in place. Bytes travel as ``{"$bytes": "<base64>"}`` both ways.
 
+A CONFIG with ``"on_error": "tests.agent.record_error"`` records what the layer reports;
+the ``reports`` command returns it.
+
 Imported, it gives the test side: :class:`Agent` (a thread reads its answers, so
 synchronous tests can drive several agents at once) and the helpers around it.
 """
@@ -96,6 +99,15 @@ def blob(size: int, seed: int = 0) -> bytes:
 
 # The agent (runs in the child process)
 
+_REPORTS: list[dict[str, Any]] = []
+
+
+def record_error(error: Exception, stage: str) -> None:
+    """An ``on_error`` hook for agents: remembers each report for ``reports``."""
+    _REPORTS.append(
+        {"type": type(error).__name__, "stage": stage, "count": getattr(error, "count", None)}
+    )
+
 
 def _write(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(to_json(payload)) + "\n")
@@ -142,6 +154,53 @@ async def _drain(layer: Any, channel: str, idle: float) -> list[Any]:
     while (message := await _receive(layer, channel, idle)) is not None:
         received.append(message)
     return received
+
+
+async def _group_burst(layer: Any, group: str, count: int) -> float:
+    """``count`` group_sends as fast as the layer takes them; the seconds it took."""
+    started = time.monotonic()
+    for n in range(count):
+        await layer.group_send(group, {"type": "burst", "n": n})
+    return time.monotonic() - started
+
+
+async def _send_burst(layer: Any, channel: str, count: int) -> dict[str, Any]:
+    """``count`` awaited sends, one after the other; which raised ChannelFull."""
+    from channels.exceptions import ChannelFull
+
+    refused = []
+    started = time.monotonic()
+    for n in range(count):
+        try:
+            await layer.send(channel, {"type": "burst", "n": n})
+        except ChannelFull:
+            refused.append(n)
+    return {"refused": refused, "seconds": time.monotonic() - started}
+
+
+async def _collect(layer: Any, channel: str, count: int, idle: float) -> list[int]:
+    """The ``n`` of the messages received on ``channel``, in order: ``count`` of them, or
+    what came until nothing did for ``idle`` seconds."""
+    received: list[int] = []
+    while len(received) < count:
+        message = await _receive(layer, channel, idle)
+        if message is None:
+            break
+        received.append(message["n"])
+    return received
+
+
+async def _lag(seconds: float) -> float:
+    """The longest this process's event loop was late to wake a 10 ms sleep, over
+    ``seconds``: how promptly it answers anything."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    end = loop.time() + seconds
+    while loop.time() < end:
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        worst = max(worst, loop.time() - before - 0.01)
+    return worst
 
 
 async def _send_blob(layer: Any, channel: str, size: int, seed: int, group: bool) -> str:
@@ -193,6 +252,13 @@ def _operations(layer: Any) -> dict[str, Callable[..., Any]]:
         result: dict[str, Any] = layer.stats()
         return result
 
+    async def reports() -> list[dict[str, Any]]:
+        # Run as __main__, this module is not the tests.agent that CONFIG's on_error
+        # names: read the list the hook appends to.
+        import tests.agent
+
+        return list(tests.agent._REPORTS)
+
     async def atomic_group_send(group: str, message: dict[str, Any], hold: float) -> Any:
         return await asyncio.to_thread(
             _group_send_in_rolled_back_transaction, layer, group, message, hold
@@ -209,6 +275,11 @@ def _operations(layer: Any) -> dict[str, Callable[..., Any]]:
         "receive": lambda *args: _receive(layer, *args),
         "drain": lambda *args: _drain(layer, *args),
         "send_blob": lambda *args: _send_blob(layer, *args),
+        "group_burst": lambda *args: _group_burst(layer, *args),
+        "send_burst": lambda *args: _send_burst(layer, *args),
+        "collect": lambda *args: _collect(layer, *args),
+        "lag": _lag,
+        "reports": reports,
         "receive_blob": lambda *args: _receive_blob(layer, *args),
         "atomic_group_send": atomic_group_send,
     }

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.cluster import DRIVERS, Cluster
 from tests.servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,22 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A private PostgreSQL server the test may stop and restart."""
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(params=DRIVERS)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """Agent processes of one cluster, once per network driver (tests.cluster)."""
+    driver: str = request.param
+    options: dict[str, Any] = {}
+    if driver == "redis":
+        options["url"] = request.getfixturevalue("redis_url")
+    elif driver == "pgsql":
+        options["dsn"] = request.getfixturevalue("pg_dsn")
+    made = Cluster(driver, options, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 # Layers

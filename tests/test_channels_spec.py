@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from channels.exceptions import ChannelFull
 
-from crossws_channels.errors import MessageExpired, MessageTooLarge
+from crossws_channels.errors import MessageExpired, MessagesDropped, MessageTooLarge
 from tests.conftest import ErrorLog
 
 
@@ -168,7 +168,8 @@ async def test_members_behind_keep_capacity_messages_in_order(
     make_layer: Any, errors: ErrorLog
 ) -> None:
     """Members that don't receive while a group is busy queue up to capacity each, in
-    order; each message beyond that is dropped for them and counted."""
+    order; each message beyond that is dropped for them, counted, and reported at most
+    once per group per second, each report with the count since the previous one."""
     layer = make_layer(capacity=3, on_error=errors)
     members = [await layer.new_channel() for _ in range(3)]
     for channel in members:
@@ -180,7 +181,13 @@ async def test_members_behind_keep_capacity_messages_in_order(
         await nothing_on(layer, channel)
     assert layer.stats()["delivered"] == 9
     assert layer.stats()["dropped.full"] == 6
-    assert len(errors.of(ChannelFull, "delivery")) == 2
+    first = errors.of(ChannelFull, "delivery")
+    assert len(first) == 1 and isinstance(first[0], MessagesDropped)
+    assert first[0].count == 3 and first[0].group == "g"
+    await layer.close()  # what was still to report is reported now
+    reported = errors.of(MessagesDropped, "delivery")
+    assert len(reported) == 2 and sum(error.count for error in reported) == 6
+    assert sorted(reported[1].channels) == sorted(members)
 
 
 async def test_messages_expire(make_layer: Any, errors: ErrorLog) -> None:

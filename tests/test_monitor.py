@@ -20,7 +20,7 @@ class LossyDriver(LocalDriver):
         super().__init__(instance_id, options)
         self.sent = 0
 
-    def _post(self, batch: Sequence[Outgoing]) -> None:
+    async def _post(self, batch: Sequence[Outgoing]) -> None:
         kept = []
         for target, text in batch:
             if target is None and '"topic":"room"' in text:
@@ -28,7 +28,7 @@ class LossyDriver(LocalDriver):
                 if self.sent % 3 == 0:
                     continue
             kept.append((target, text))
-        super()._post(kept)
+        await super()._post(kept)
 
 
 def silence(layer: Any) -> None:

@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 PING_TIMEOUT = 5.0
 
-Sink = Callable[[str, str], None]
-"""Receives ``(channel, payload)`` of each notification, in order, on the event loop."""
+Sink = Callable[[str, str], "asyncio.Future[None] | None"]
+"""Receives ``(channel, payload)`` of each notification, in order, on the event loop; a
+future it returns means "nothing more until this is done" (backpressure)."""
 
 # TCP keepalives let the kernel notice a peer that vanished without closing the socket;
 # the idle ping (ping_interval) is the backstop for paths (proxies, NAT) that keepalives
@@ -127,25 +128,60 @@ class Session(Protocol):
 
 
 class _Notifications:
-    """Hands a session's notifications to the sink of its running ``receive()``, and
-    keeps those read before it started (while LISTEN ran, say) for it, in order."""
+    """Hands a session's notifications to the sink of its running ``receive()``, in
+    order. Keeps those read before it started (while LISTEN ran, say) for it, and those
+    read while the sink asked to wait: reading the socket stops meanwhile
+    (:meth:`_pause_reading`), so that the server keeps the rest in its queue."""
 
     def __init__(self) -> None:
         self._sink: Sink | None = None
-        self._early: deque[tuple[str, str]] = deque()
+        self._held: deque[tuple[str, str]] = deque()
+        self._wait: asyncio.Future[None] | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self._wait is not None
 
     def _notified(self, channel: str, payload: str) -> None:
         sink = self._sink
-        if sink is None:
-            self._early.append((channel, payload))
-        else:
-            sink(channel, payload)
+        if sink is None or self._wait is not None:
+            self._held.append((channel, payload))
+            return
+        wait = sink(channel, payload)
+        if wait is not None:
+            self._hold_until(wait)
+
+    def _hold_until(self, wait: asyncio.Future[None]) -> None:
+        self._wait = wait
+        self._pause_reading()
+        wait.add_done_callback(self._resume)
+
+    def _resume(self, wait: asyncio.Future[None]) -> None:
+        if self._wait is not wait:
+            return
+        self._wait = None
+        self._release()
+        if self._wait is None and self._sink is not None:
+            self._resume_reading()
+
+    def _release(self) -> None:
+        """Hand the sink what is held, until it asks to wait again."""
+        sink, held = self._sink, self._held
+        while sink is not None and held and self._wait is None:
+            wait = sink(*held.popleft())
+            if wait is not None:
+                self._hold_until(wait)
 
     def _attach(self, sink: Sink) -> None:
         """Make ``sink`` the receiver, after handing it what came before."""
         self._sink = sink
-        while self._early:
-            sink(*self._early.popleft())
+        self._release()
+
+    def _pause_reading(self) -> None:
+        """Stop reading the connection's socket (while the sink waits)."""
+
+    def _resume_reading(self) -> None:
+        """Read the connection's socket again."""
 
 
 class _InFlight:
@@ -181,6 +217,8 @@ class PsycopgSession(_Notifications):
         self._idle: asyncio.Future[None] | None = None
         self._finish_when_idle = False
         self._handler_added = False
+        # While _read_until_quiet runs: how to stop and restart reading the socket.
+        self._reader: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     # Operations in flight
 
@@ -295,17 +333,19 @@ class PsycopgSession(_Notifications):
 
     async def _read_until_quiet(self, sink: Sink, quiet: float) -> None:
         """Read notifications straight off libpq as the socket becomes readable, until
-        nothing has arrived for ``quiet`` seconds (or the connection fails)."""
+        nothing has arrived for ``quiet`` seconds (or the connection fails). While the
+        sink asks to wait, nothing is read: not from libpq, not from the socket."""
         loop = asyncio.get_running_loop()
         pgconn = self.conn.pgconn
         fd = pgconn.socket
         encoding = self.conn.info.encoding
         done: asyncio.Future[None] = loop.create_future()
         heard = loop.time()
+        notified = self._notified
 
         def drain() -> None:
-            while (notify := pgconn.notifies()) is not None:
-                sink(notify.relname.decode(encoding), notify.extra.decode(encoding))
+            while self._wait is None and (notify := pgconn.notifies()) is not None:
+                notified(notify.relname.decode(encoding), notify.extra.decode(encoding))
 
         def readable() -> None:
             nonlocal heard
@@ -319,24 +359,49 @@ class PsycopgSession(_Notifications):
                 return
             heard = loop.time()
 
+        def stop() -> None:
+            loop.remove_reader(fd)
+
+        def restart() -> None:
+            nonlocal heard
+            heard = loop.time()  # a pause is not a quiet connection
+            try:
+                drain()  # what libpq read before the pause
+            except Exception as exc:
+                if not done.done():
+                    done.set_exception(exc)
+                return
+            if self._wait is None:
+                loop.add_reader(fd, readable)
+
         def check() -> None:
             if done.done():
                 return
             due = heard + quiet
-            if loop.time() >= due:
+            if self._wait is None and loop.time() >= due:
                 done.set_result(None)
             else:
-                timers.append(loop.call_at(due, check))
+                timers.append(loop.call_at(max(due, loop.time() + quiet / 4), check))
 
         with self._in_flight:
-            drain()  # what libpq already holds: the socket won't signal it
-            loop.add_reader(fd, readable)
+            self._reader = (stop, restart)
+            if self._wait is None:
+                restart()  # what libpq already holds (the socket won't signal it), then read
             timers = [loop.call_at(heard + quiet, check)]
             try:
                 await done
             finally:
+                self._reader = None
                 timers[-1].cancel()
                 loop.remove_reader(fd)
+
+    def _pause_reading(self) -> None:
+        if self._reader is not None:
+            self._reader[0]()
+
+    def _resume_reading(self) -> None:
+        if self._reader is not None:
+            self._reader[1]()
 
     async def _ping(self, timeout: float) -> None:
         # Not asyncio.wait_for: cancelling a statement in flight makes psycopg ask the
@@ -443,6 +508,24 @@ class AsyncpgSession(_Notifications):
             self._heard = self._loop.time()
         self._notified(channel, payload)
 
+    def _transport(self) -> asyncio.ReadTransport | None:
+        # asyncpg has no public way to stop reading; without this the notifications it
+        # reads while paused wait in memory instead of in the server's queue.
+        transport = getattr(self.conn, "_transport", None)
+        return transport if isinstance(transport, asyncio.ReadTransport) else None
+
+    def _pause_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._loop is not None:
+            self._heard = self._loop.time()  # a pause is not a quiet connection
+        transport = self._transport()
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
     def _on_terminate(self, _conn: object) -> None:
         lost = self._lost
         if lost is not None and not lost.done():
@@ -476,6 +559,8 @@ class AsyncpgSession(_Notifications):
                 # Woken only by the end of the connection or by ping_interval of quiet:
                 # notifications go straight from asyncpg's callback to the sink.
                 quiet = self._heard + ping_interval - loop.time()
+                if self.paused:  # a paused connection can't answer a ping
+                    quiet = max(quiet, ping_interval / 4)
                 if quiet > 0:
                     done, _ = await asyncio.wait({lost}, timeout=quiet)
                     if done:

@@ -13,6 +13,7 @@ and falls back to something slower but correct when one is missing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -42,11 +43,19 @@ class Deliver(Protocol):
     ignores this instance's own echo. It is synchronous and never raises, and must be
     called on the event loop ``subscribe`` was called on.
 
+    It returns ``None``, or an ``asyncio.Future`` when a channel the message was for is
+    full while its consumer is reading: *backpressure*. A driver that honours it delivers
+    nothing more until the future is done (``await`` it, or resume reading from its
+    done callback) and leaves the rest to its transport: the socket, the server's
+    buffers. The future is done within the layer's ``backpressure`` setting, at most.
+    A driver that ignores it keeps working; the layer then drops messages for full
+    channels instead, as it does with backpressure off.
+
     The methods let a driver that keeps its subscription alive by itself tell the layer
     what happened. The layer reports each outage once, not once per failed attempt.
     """
 
-    def __call__(self, raw: str | bytes, /) -> None: ...
+    def __call__(self, raw: str | bytes, /) -> asyncio.Future[None] | None: ...
 
     def report(self, error: Exception, stage: Stage, /) -> None:
         """Report a failure the driver handled itself (it is not an outage)."""

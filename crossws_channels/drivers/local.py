@@ -7,7 +7,10 @@ process (for example one per thread, each with its own loop). Separate OS proces
 see each other: for those, use ``multiprocessing``, ``redis`` or ``pgsql``.
 
 It behaves as a real pub/sub backplane does: it echoes a publish back to the sender, and
-the layer's echo suppression drops it.
+the layer's echo suppression drops it. Each subscriber has an inbox, emptied on its own
+loop; while the layer asks it to wait (backpressure), the inbox holds what arrives, and a
+publisher whose messages would take an inbox past :data:`INBOX_LIMIT` waits for room (at
+most :data:`ROOM_WAIT` seconds), as it would for a socket's buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from typing import Any
 from .._registry import wake
 from .base import Deliver, Outgoing
 
-__all__ = ["LocalDriver"]
+__all__ = ["INBOX_LIMIT", "ROOM_WAIT", "LocalDriver"]
+
+INBOX_LIMIT = 8192
+ROOM_WAIT = 5.0
 
 
 class _SharedQueue:
@@ -34,11 +40,70 @@ class _SharedQueue:
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
+class _Subscriber:
+    """One instance's subscription: an inbox delivered in order on the instance's loop."""
+
+    __slots__ = ("_inbox", "_lock", "_paused", "_room", "deliver", "loop", "queued")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        self.loop = loop
+        self.deliver = deliver
+        self._inbox: deque[str] = deque()
+        self._paused = False
+        self._lock = threading.Lock()
+        # Messages posted and not delivered yet (read by publishers on other threads).
+        self.queued = 0
+        self._room: list[asyncio.Future[None]] = []
+
+    def post(self, texts: list[str]) -> None:
+        """From any thread. Raises RuntimeError if the subscriber's loop is closed."""
+        with self._lock:
+            self.queued += len(texts)
+        self.loop.call_soon_threadsafe(self._arrive, texts)
+
+    async def room(self) -> None:
+        """Wait (boundedly) until the inbox is below its limit."""
+        waiter = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.queued < INBOX_LIMIT:
+                return
+            self._room.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, ROOM_WAIT)
+        except asyncio.TimeoutError:
+            pass  # a subscriber that stopped delivering must not stop the publisher
+
+    def _arrive(self, texts: list[str]) -> None:
+        self._inbox.extend(texts)
+        if not self._paused:
+            self._pump()
+
+    def _pump(self, _wait: object = None) -> None:
+        self._paused = False
+        inbox, deliver = self._inbox, self.deliver
+        delivered = 0
+        while inbox:
+            delivered += 1
+            wait = deliver(inbox.popleft())
+            if wait is not None:
+                self._paused = True
+                wait.add_done_callback(self._pump)
+                break
+        with self._lock:
+            self.queued -= delivered
+            if self.queued >= INBOX_LIMIT // 2 or not self._room:
+                return
+            room, self._room = self._room, []
+        current = asyncio.get_running_loop()
+        for waiter in room:
+            wake(waiter, current)
+
+
 class _Cluster:
     __slots__ = ("queues", "subscribers")
 
     def __init__(self) -> None:
-        self.subscribers: dict[str, tuple[asyncio.AbstractEventLoop, Deliver]] = {}
+        self.subscribers: dict[str, _Subscriber] = {}
         self.queues: dict[str, _SharedQueue] = {}
 
 
@@ -58,11 +123,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _deliver_all(deliver: Deliver, texts: list[str]) -> None:
-    for text in texts:
-        deliver(text)
-
-
 class LocalDriver:
     """Relays between the layer instances of one process that share a ``channel``."""
 
@@ -78,37 +138,39 @@ class LocalDriver:
             cluster = _clusters[self._channel] = _Cluster()
         return cluster
 
-    def _post(self, batch: Sequence[Outgoing]) -> None:
+    async def _post(self, batch: Sequence[Outgoing]) -> None:
         with _lock:
             subscribers = list(self._cluster().subscribers.items())
-        for instance_id, (loop, deliver) in subscribers:
+        for instance_id, subscriber in subscribers:
             texts = [text for target, text in batch if target is None or target == instance_id]
             if not texts:
                 continue
+            if subscriber.queued >= INBOX_LIMIT:
+                await subscriber.room()
             try:
-                loop.call_soon_threadsafe(_deliver_all, deliver, texts)
+                subscriber.post(texts)
             except RuntimeError:
                 # That instance's loop is closed without it having unsubscribed.
                 with _lock:
                     current = self._cluster().subscribers
-                    if current.get(instance_id, (None, None))[1] is deliver:
+                    if current.get(instance_id) is subscriber:
                         del current[instance_id]
 
     # Relay
 
     async def publish(self, envelope: str, /) -> None:
-        self._post([(None, envelope)])
+        await self._post([(None, envelope)])
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
-        self._post([(instance_id, envelope)])
+        await self._post([(instance_id, envelope)])
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
-        self._post(batch)
+        await self._post(batch)
 
     async def subscribe(self, deliver: Deliver, /) -> None:
         loop = asyncio.get_running_loop()
         with _lock:
-            self._cluster().subscribers[self._instance_id] = (loop, deliver)
+            self._cluster().subscribers[self._instance_id] = _Subscriber(loop, deliver)
 
     async def close(self) -> None:
         with _lock:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -71,6 +72,9 @@ class _Connection(asyncio.Protocol):
         self._next_req = 0
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
+        # Frames read while the layer asked to wait (backpressure): reading is paused,
+        # and these go first when it resumes.
+        self._held: deque[bytes] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -88,10 +92,25 @@ class _Connection(asyncio.Protocol):
             logger.warning("dropping the relay connection: %s", exc)
             self.abort()
             return
-        for frame in frames:
+        if self._held is not None:
+            self._held.extend(frames)
+            return
+        self._dispatch(deque(frames))
+
+    def _dispatch(self, frames: deque[bytes]) -> None:
+        """Handle ``frames`` in order, until the layer asks to wait; then stop reading
+        (the relay buffers for us) and go on once it says so."""
+        while frames:
+            frame = frames.popleft()
             op = frame[4]
             if op == wire.MESSAGE:
-                self.driver._on_message(frame[5:])
+                wait = self.driver._on_message(frame[5:])
+                if wait is not None:
+                    self._held = frames
+                    if self.transport is not None and not self.transport.is_closing():
+                        self.transport.pause_reading()
+                    wait.add_done_callback(self._resume)
+                    return
             elif op == wire.REPLY:
                 self._on_reply(memoryview(frame)[5:])
             elif op == wire.WELCOME:
@@ -106,6 +125,14 @@ class _Connection(asyncio.Protocol):
             else:
                 logger.warning("ignoring an unknown operation %#04x from the relay", op)
 
+    def _resume(self, _wait: asyncio.Future[None]) -> None:
+        frames, self._held = self._held, None
+        if frames is None or self.transport is None:
+            return  # the connection is gone
+        self._dispatch(frames)
+        if self._held is None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -117,6 +144,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._held = None
         error = RelayUnavailable("the connection to the relay was lost")
         if exc is not None:
             error.__cause__ = exc
@@ -370,16 +398,17 @@ class MultiprocessingDriver:
         if self._deliver is not None:
             self._deliver.connection_made()
 
-    def _on_message(self, envelope: bytes) -> None:
+    def _on_message(self, envelope: bytes) -> asyncio.Future[None] | None:
         deliver = self._deliver
         if deliver is None:
-            return
+            return None
         try:
-            deliver(envelope)
+            return deliver(envelope)
         except Exception:
             # Deliver promises not to raise; if it does anyway, it must not take the
             # connection down with it.
             logger.exception("deliver raised; message dropped")
+            return None
 
     # The Driver protocol.
 

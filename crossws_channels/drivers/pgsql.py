@@ -207,6 +207,8 @@ class PgsqlDriver:
         # Notifications waiting behind a large message being read, in arrival order.
         self._backlog: deque[tuple[str, str]] = deque()
         self._backlog_task: asyncio.Task[None] | None = None
+        # What the backlog waits for before delivering on (backpressure), if anything.
+        self._backlog_wait: asyncio.Future[None] | None = None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._popped: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._handoffs: dict[str, asyncio.TimerHandle] = {}
@@ -426,30 +428,34 @@ class PgsqlDriver:
                 self._listen_session = None
                 await self._dispose(session)
 
-    def _on_notify(self, name: str, payload: str) -> None:
-        """Every notification, as it is read (synchronously, in order)."""
+    def _on_notify(self, name: str, payload: str) -> asyncio.Future[None] | None:
+        """Every notification, as it is read (synchronously, in order); a future means
+        "read no more until it is done" (backpressure)."""
         names = self.names
         if name == names.wakeup:
             self._wake(payload)
-            return
+            return None
         if name != names.broadcast and name != names.direct:
-            return
+            return None
         if self._backlog or payload.startswith(LARGE_PREFIX):
             # A large message is read from its table first; what comes after it waits.
             self._backlog.append((name, payload))
             if self._backlog_task is None:
                 self._backlog_task = asyncio.get_running_loop().create_task(self._drain_backlog())
-            return
+            # While the backlog waits for the layer, the session must not read on.
+            return self._backlog_wait
         deliver = self._deliver
         if deliver is not None:
-            self._hand_to(deliver, payload)
+            return self._hand_to(deliver, payload)
+        return None
 
-    def _hand_to(self, deliver: Deliver, payload: str) -> None:
+    def _hand_to(self, deliver: Deliver, payload: str) -> asyncio.Future[None] | None:
         try:
-            deliver(payload)
+            return deliver(payload)
         except Exception:
             # The layer promises deliver never raises; keep listening if it does anyway.
             logger.exception("pgsql channel %r: deliver raised", self.names.broadcast)
+            return None
 
     async def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -469,7 +475,13 @@ class PgsqlDriver:
                         continue
                 # Removed only now: while it is read, new arrivals queue up behind it.
                 backlog.popleft()
-                self._hand_to(deliver, payload)
+                wait = self._hand_to(deliver, payload)
+                if wait is not None:
+                    self._backlog_wait = wait
+                    try:
+                        await wait
+                    finally:
+                        self._backlog_wait = None
         finally:
             self._backlog_task = None
 

@@ -110,6 +110,7 @@ class RedisDriver:
         self._listener: asyncio.Task[None] | None = None
         self._subscriber: Connection | None = None
         self._heard = 0  # reads that brought replies on the subscription, for the watchdog
+        self._paused = False  # the layer asked the reader to wait (backpressure)
         pusher = CommandConnection(connections, command_name)
         self._queues = WorkerQueues(pusher, connections, self.names, instance_id)
 
@@ -261,7 +262,9 @@ class RedisDriver:
 
     async def _read(self, replies: ReplyReader) -> NoReturn:
         # The hot path: no timer (the watchdog bounds silence), and every message that
-        # one socket read brought handled in one go.
+        # one socket read brought handled in one go. When the layer asks it to wait (a
+        # channel is full while its consumer reads), the reader stops reading: Redis
+        # keeps the rest in this client's output buffer until it resumes.
         read = replies.read
         deliver = self._deliver
         if deliver is None:
@@ -273,11 +276,19 @@ class RedisDriver:
                 if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
                     data = reply[2]
                     try:
-                        deliver(data)
+                        wait = deliver(data)
                     except Exception:
                         # Deliver promises not to raise; if it does anyway, the listener
                         # must live on.
                         logger.exception("deliver raised on a %d-byte message", len(data))
+                        continue
+                    if wait is not None:
+                        self._paused = True
+                        try:
+                            await wait
+                        finally:
+                            self._paused = False
+                            self._heard += 1
 
     async def _watch(self, connection: Connection, reader: asyncio.Task[NoReturn]) -> None:
         """Return (raising) when ``reader`` fails, or when the connection has been
@@ -296,7 +307,7 @@ class RedisDriver:
             if reader.done():
                 reader.result()  # raises what broke the connection
             now = loop.time()
-            if self._heard != heard:
+            if self._heard != heard or self._paused:
                 heard, quiet_since, pinged_at = self._heard, now, None
             elif pinged_at is not None:
                 if now - pinged_at >= patience:

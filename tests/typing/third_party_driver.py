@@ -49,7 +49,11 @@ class TinyRedisDriver:
         try:
             async for message in pubsub.listen():
                 # Raw bytes as they came: the layer decodes, validates and drops our echo.
-                deliver(message["data"])
+                wait = deliver(message["data"])
+                if wait is not None:
+                    # A full channel whose consumer reads: read on once it has caught up.
+                    # Meanwhile Redis holds what is sent to us.
+                    await wait
         finally:
             await pubsub.reset()  # unsubscribe and release the connection
 
