@@ -2,10 +2,18 @@
 
 The receiver holds K member channels of one group, each with a task looping on
 ``receive``. After both processes line up, the sender ``group_send``\\ s numbered ~100-byte
-messages as fast as it can (at most ``window`` receipts ahead of the receiver, and for at
-most ``max_seconds``). The rate is receipts per second from the start to the last receipt;
-the per-group-message rate divides it by K. Raw subjects publish the same JSON text to a
-pub/sub channel the receiver listens on (K=1 only).
+messages as fast as it can, for at most ``max_seconds``. The rate is receipts per second
+from the start to the last receipt; the per-group-message rate divides it by K.
+
+Two settings, each a case of its own:
+
+* *default settings, unpaced*: every layer as it comes (its default ``capacity``), and a
+  sender that never waits for the receiver, as a management command or a Celery task
+  sends. What a user gets, losses included.
+* *transport*: ``capacity`` 1,000,000 and the sender kept at most ``window`` receipts
+  ahead of the receiver: no bound and no backlog get in the way, so this measures the
+  transport. Raw subjects, which publish the same JSON text to a pub/sub channel the
+  receiver listens on (K=1 only), run here.
 """
 
 from __future__ import annotations
@@ -39,9 +47,18 @@ PIPELINE_CHUNK = 256
 STALL_LIMIT = 60.0
 
 
+DEFAULTS = "default settings, unpaced"
+TRANSPORT = "transport: capacity 1,000,000, paced"
+
+
+def label(members: int, settings: str) -> str:
+    """The label of the case with K=``members`` under ``settings``."""
+    return f"K={members}, {settings}"
+
+
 async def _layer_receiver(spec: dict[str, Any], env: Env, sync: Sync) -> dict[str, Any]:
     key, members = spec["subject"], spec["members"]
-    layer = open_layer(key, env, spec["scope"])
+    layer = open_layer(key, env, spec["scope"], spec["defaults"])
     channels = [await layer.new_channel() for _ in range(members)]
     for channel in channels:
         await layer.group_add(spec["group"], channel)
@@ -101,7 +118,8 @@ def _receipts(
 
 async def _layer_sender(spec: dict[str, Any], env: Env, sync: Sync) -> dict[str, Any]:
     key, group, members = spec["subject"], spec["group"], spec["members"]
-    layer = open_layer(key, env, spec["scope"])
+    layer = open_layer(key, env, spec["scope"], spec["defaults"])
+    paced = not spec["defaults"]
     await layer.group_send(f"{group}-idle", message(-1))  # connects
     await sync.line_up()
     await layer.group_send(group, message(-1))
@@ -114,7 +132,8 @@ async def _layer_sender(spec: dict[str, Any], env: Env, sync: Sync) -> dict[str,
         if seq % 64 == 0:
             if time.monotonic() > stop_at:
                 break
-            await throttle(sync, seq, members, spec["window"])
+            if paced:
+                await throttle(sync, seq, members, spec["window"])
         await layer.group_send(group, message(seq))
         sent += 1
     done = time.monotonic()
@@ -177,12 +196,22 @@ class ScenarioA:
 
     def cases(self, sizes: Sizes) -> list[Case]:
         return [
-            Case(
-                f"K={members}",
-                {"members": members, "messages": messages},
-                CROSS_PROCESS_LAYERS + (RAW if members == 1 else ()),
-            )
-            for members, messages in sizes.messages
+            *(
+                Case(
+                    label(members, DEFAULTS),
+                    {"members": members, "messages": messages, "defaults": True},
+                    CROSS_PROCESS_LAYERS,
+                )
+                for members, messages in sizes.messages
+            ),
+            *(
+                Case(
+                    label(members, TRANSPORT),
+                    {"members": members, "messages": messages, "defaults": False},
+                    CROSS_PROCESS_LAYERS + (RAW if members == 1 else ()),
+                )
+                for members, messages in sizes.messages
+            ),
         ]
 
     def layout(self, case: Case) -> Layout:
@@ -201,7 +230,8 @@ class ScenarioA:
 
     def run(self, case: Case, subject: str, env: Env, sizes: Sizes, trial: int) -> dict[str, float]:
         members = case.params["members"]
-        scope = env.scope("a", members, short(subject), trial)
+        settings = "d" if case.params["defaults"] else "t"
+        scope = env.scope(f"a{settings}", members, short(subject), trial)
         spec = {
             "subject": subject,
             "service": SUBJECTS[subject].service,
@@ -209,6 +239,7 @@ class ScenarioA:
             "group": f"{scope}-group",
             "members": members,
             "messages": case.params["messages"],
+            "defaults": case.params["defaults"],
             "max_seconds": sizes.max_seconds,
             "window": sizes.window,
             "idle": sizes.idle,

@@ -18,8 +18,9 @@ from .env import Env
 Family = Literal["crossws", "peer", "raw"]
 Service = Literal["redis", "pgsql", "multiprocessing", "local"]
 
-# Every layer gets this capacity, so that no message is dropped for a full channel: the
-# numbers measure transports and fan-out, not a configured bound.
+# In the transport measurements every layer gets this capacity, so that no message is
+# dropped for a full channel: the numbers measure transports and fan-out, not a
+# configured bound. The default-settings cases (A) leave every layer as it comes.
 CAPACITY = 1_000_000
 
 
@@ -121,12 +122,17 @@ def available(key: str, env: Env) -> str | None:
     return None
 
 
-def open_layer(key: str, env: Env, scope: str) -> Any:
-    """Build the layer of subject ``key``; ``scope`` keeps its names apart from others'."""
+def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
+    """Build the layer of subject ``key``; ``scope`` keeps its names apart from others'.
+
+    ``defaults``: with the layer's own default settings (capacity included), as a user
+    who configured nothing gets it; otherwise with :data:`CAPACITY`.
+    """
+    capacity: dict[str, Any] = {} if defaults else {"capacity": CAPACITY}
     if key.startswith("crossws-"):
         from crossws_channels.layer import BackplaneChannelLayer
 
-        config: dict[str, Any] = {"channel": scope, "capacity": CAPACITY}
+        config: dict[str, Any] = {"channel": scope, **capacity}
         if key == "crossws-redis":
             config.update(driver="redis", url=env.redis_url)
         elif key == "crossws-pgsql":
@@ -141,7 +147,7 @@ def open_layer(key: str, env: Env, scope: str) -> Any:
     if key == "redis-core":
         from channels_redis.core import RedisChannelLayer
 
-        return RedisChannelLayer(hosts=[env.redis_url], prefix=scope, capacity=CAPACITY)
+        return RedisChannelLayer(hosts=[env.redis_url], prefix=scope, **capacity)
     if key == "redis-pubsub":
         from channels_redis.pubsub import RedisPubSubChannelLayer
 
@@ -155,7 +161,7 @@ def open_layer(key: str, env: Env, scope: str) -> Any:
     if key == "inmemory":
         from channels.layers import InMemoryChannelLayer
 
-        return InMemoryChannelLayer(capacity=CAPACITY)
+        return InMemoryChannelLayer(**capacity)
     raise ValueError(f"{key!r} is not a layer subject")
 
 
