@@ -29,16 +29,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from channels.exceptions import ChannelFull
 
-from ._registry import wake
+from .loops import wake
 
-__all__ = ["CREDIT", "PROBE", "SendWindows"]
+if TYPE_CHECKING:
+    from ._frames import Frames
+    from ._outbox import Outbox
+    from ._registry import Credit
+
+__all__ = ["CREDIT", "PROBE", "Grants", "SendWindows"]
 
 CREDIT = "!credit"
 PROBE = "!ask"
@@ -155,3 +162,17 @@ class SendWindows:
                     break
         window = windows[channel] = _Window(capacity)
         return window
+
+
+class Grants:
+    """The owner's side: sends the credits this instance's channels owe their senders."""
+
+    def __init__(self, frames: Frames, outbox: Outbox) -> None:
+        self._frames = frames
+        self._outbox = outbox
+
+    def send(self, credits: list[Credit] | None) -> None:
+        """Relay ``credits`` (from any thread); nothing if there are none."""
+        for sender, channel, seen, room in credits or ():
+            frame = self._frames.frame(CREDIT, json.dumps([sender, channel, seen, room]))
+            self._outbox.post(sender, frame)

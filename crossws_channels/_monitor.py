@@ -22,15 +22,17 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._registry import Registry
+from ._reporting import Stats
 from .errors import DeafSubscription
 
 logger = logging.getLogger("crossws_channels")
 
-__all__ = ["HEARTBEAT", "PING", "PONG", "Heartbeat", "Pinger", "SequenceGaps"]
+__all__ = ["HEARTBEAT", "PING", "PONG", "Census", "Heartbeat", "Pinger", "SequenceGaps"]
 
 HEARTBEAT = "!hb"
 PING = "!ping"
@@ -61,20 +63,19 @@ class SequenceGaps:
         self.missing[sender] = self.missing.get(sender, 0) + gap
         return gap
 
-    def forget(self) -> None:
-        """Start over, as after a reconnection (the gap is the outage, already reported)."""
-        self._last.clear()
-
 
 class Heartbeat:
-    """Relays a heartbeat every ``interval`` seconds and expects it back."""
+    """Relays a heartbeat every ``interval`` seconds and expects it back.
+
+    :meth:`run` raises :class:`DeafSubscription` when one does not come back in time;
+    whoever runs it renews the subscription and runs it again.
+    """
 
     def __init__(
         self,
         interval: float,
-        publish: Callable[[str], Any],
+        publish: Callable[[str], Awaitable[None]],
         healthy: Callable[[], bool],
-        on_deaf: Callable[[DeafSubscription], None],
         excused: Callable[[float], bool] | None = None,
     ) -> None:
         self.interval = interval
@@ -82,7 +83,6 @@ class Heartbeat:
         self.timeout = max(0.5, min(5.0, interval))
         self._publish = publish
         self._healthy = healthy
-        self._on_deaf = on_deaf
         # excused(t): whether the subscription was paused (by backpressure) since t, so
         # that a heartbeat it could not read yet proves nothing.
         self._excused = excused
@@ -111,12 +111,10 @@ class Heartbeat:
             except asyncio.TimeoutError:
                 excused = self._excused is not None and self._excused(started)
                 if self._healthy() and not excused:
-                    self._on_deaf(
-                        DeafSubscription(
-                            f"the backplane subscription is connected but deaf: a heartbeat "
-                            f"did not come back within {self.timeout:g}s; subscribing again"
-                        )
-                    )
+                    raise DeafSubscription(
+                        f"the backplane subscription is connected but deaf: a heartbeat "
+                        f"did not come back within {self.timeout:g}s; subscribing again"
+                    ) from None
             else:
                 logger.debug("heartbeat came back in %.1f ms", (time.monotonic() - started) * 1e3)
             finally:
@@ -130,6 +128,33 @@ class Pong:
     instance_id: str
     rtt: float
     info: dict[str, Any] = field(default_factory=dict)
+
+
+class Census:
+    """What ``layer.stats()`` returns, and what a ping answer carries."""
+
+    def __init__(
+        self,
+        header: dict[str, str],
+        stats: Stats,
+        registry: Registry,
+        gaps: SequenceGaps,
+        connected: Callable[[], bool],
+    ) -> None:
+        self._header = header  # instance id, driver, channel
+        self._stats = stats
+        self._registry = registry
+        self.gaps = gaps
+        self._connected = connected
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self._header,
+            "connected": self._connected(),
+            **self._stats.snapshot(),
+            "lost_by_sender": dict(self.gaps.missing),
+            **self._registry.sizes(),
+        }
 
 
 def identity() -> dict[str, Any]:

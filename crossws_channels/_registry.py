@@ -27,14 +27,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .loops import wake
 from .serialize import Template
 
 if TYPE_CHECKING:
     from ._flow import InboundFlow, Pause
 
-__all__ = ["Credit", "GroupDelivery", "Item", "Mailbox", "Payload", "Registry", "wake"]
+__all__ = ["Credit", "GroupDelivery", "Item", "Mailbox", "Payload", "Registry"]
 
 Payload = str | bytes
 # What a mailbox holds: serialized data, or a message decoded once for many receivers.
@@ -111,40 +112,17 @@ class GroupDelivery:
     shared: list[str] = field(default_factory=list)
 
 
-def _resolve(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def wake(future: asyncio.Future[Any], current: asyncio.AbstractEventLoop | None) -> bool:
-    """Wake a waiting receiver on whatever loop it waits on; False if it is gone."""
-    if future.done():
-        return False
-    loop = future.get_loop()
-    if loop is current:
-        future.set_result(None)
-        return True
-    try:
-        loop.call_soon_threadsafe(_resolve, future)
-    except RuntimeError:
-        # Its loop is closed: nobody will ever run that receiver again.
-        return False
-    return True
-
-
 class Registry:
     """Mailboxes and group memberships of one layer instance."""
 
     def __init__(
-        self,
-        capacity_for: Callable[[str], int],
-        shared_workers: Callable[[], bool],
-        expiry: float,
+        self, capacity_for: Callable[[str], int], shared_workers: bool, expiry: float
     ) -> None:
         self.lock = threading.Lock()
         self._expiry = expiry
         self._capacity_for = capacity_for
-        self._shared_workers = shared_workers
+        # Worker channels live in the backplane's shared queue (the driver has one).
+        self.shared_workers = shared_workers
         self._mailboxes: dict[str, Mailbox] = {}
         # Mailboxes that may hold messages, so the sweep doesn't visit idle ones.
         self._pending: set[str] = set()
@@ -158,7 +136,7 @@ class Registry:
     def _mailbox(self, channel: str) -> Mailbox:
         box = self._mailboxes.get(channel)
         if box is None:
-            shared = "!" not in channel and self._shared_workers()
+            shared = "!" not in channel and self.shared_workers
             box = self._mailboxes[channel] = Mailbox(channel, self._capacity_for(channel), shared)
         return box
 
@@ -246,7 +224,7 @@ class Registry:
             members = self._groups.get(group)
             if not members:
                 return result
-            shared = self._shared_workers()
+            shared = self.shared_workers
             mailboxes = self._mailboxes
             pending = self._pending
             entry = (deadline, payload)

@@ -2,8 +2,8 @@
 
 Failures never raise into ``send``/``group_send``; they end here, in the ``on_error``
 hook or, without one, in ``logging``. An outage (a broken subscription, a backplane that
-refuses writes) is reported once when it starts, not once per failed message, and its
-end is logged.
+refuses writes) is reported once when it starts (see ``_health``); the failures during it
+are only counted (:meth:`Reporter.count`).
 
 Events that can happen once per message (a drop for a full channel, an expiry, malformed
 traffic, a gap in a sender's numbering) are *tallied*: counted exactly in ``stats()``, and
@@ -22,9 +22,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
-from .errors import ErrorHandler, Stage
+from .errors import ErrorHandler, MalformedMessage, Stage
 
 logger = logging.getLogger("crossws_channels")
 
@@ -42,6 +42,10 @@ MakeReport: TypeAlias = Callable[["str | None", int, "dict[str, int]"], Exceptio
 """Builds the error of one report: ``make(subject, count, names)``, where ``names`` maps
 up to :data:`MAX_NAMES` names to their share of ``count``; ``subject`` is ``None`` when
 the key overflowed into its kind's shared one."""
+
+
+def _malformed(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MalformedMessage(f"{count} malformed message(s) dropped; " + "; ".join(names))
 
 
 @dataclass(slots=True)
@@ -90,19 +94,19 @@ class Stats:
             return dict(self._counts)
 
 
-class Reporter:
-    """Calls the ``on_error`` hook (sync or async), or logs, and tracks outages."""
+class _HasLoop(Protocol):
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
 
-    def __init__(
-        self,
-        hook: ErrorHandler | None,
-        stats: Stats,
-        home_loop: Callable[[], asyncio.AbstractEventLoop | None],
-    ) -> None:
+
+class Reporter:
+    """Calls the ``on_error`` hook (sync or async), or logs."""
+
+    def __init__(self, hook: ErrorHandler | None, stats: Stats, home: _HasLoop) -> None:
         self._hook = hook
         self._stats = stats
-        self._home_loop = home_loop
-        self._outages: dict[str, float] = {}
+        # Where to run an async hook when the report comes from outside any loop.
+        self._home = home
         self._lock = threading.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
         self._tallies: dict[tuple[str, str | None], _Tally] = {}
@@ -178,32 +182,15 @@ class Reporter:
         for key in idle:
             del self._tallies[key]
 
-    def outage_started(self, key: str, error: Exception, stage: Stage) -> bool:
-        """Report the first failure of an outage; later ones only count. True if new."""
-        with self._lock:
-            new = key not in self._outages
-            if new:
-                self._outages[key] = time.monotonic()
-        if new:
-            self.report(error, stage)
-        else:
-            self._stats.incr(f"errors.{stage}")
-            logger.debug("backplane %s still failing: %s", stage, error)
-        return new
+    def drop_malformed(self, what: str) -> None:
+        """Count and report (aggregated) a malformed message that is dropped."""
+        self._stats.incr("dropped.malformed")
+        self.tally("malformed", None, "delivery", _malformed, 1, [what])
 
-    def outage_ended(self, key: str) -> float | None:
-        """End the outage ``key`` if one is under way; return how long it lasted."""
-        with self._lock:
-            started = self._outages.pop(key, None)
-        if started is None:
-            return None
-        duration = time.monotonic() - started
-        logger.info("backplane %s restored after %.2fs", key, duration)
-        return duration
-
-    def in_outage(self, key: str) -> bool:
-        with self._lock:
-            return key in self._outages
+    def count(self, error: Exception, stage: Stage) -> None:
+        """A failure during an outage that was reported when it began: counted only."""
+        self._stats.incr(f"errors.{stage}")
+        logger.debug("backplane %s still failing: %s", stage, error)
 
     def _schedule(self, awaitable: Any, stage: Stage) -> None:
         async def run() -> None:
@@ -214,7 +201,7 @@ class Reporter:
 
         loop = asyncio.events._get_running_loop()
         if loop is None:
-            loop = self._home_loop()
+            loop = self._home.loop
             if loop is None or loop.is_closed():
                 logger.warning("no event loop to run the async on_error hook for a %s error", stage)
                 if inspect.iscoroutine(awaitable):

@@ -15,7 +15,8 @@ from typing import Any, cast
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from .drivers import BUILTIN, Driver, DriverFactory, resolve_factory
+from .drivers import BUILTIN, Driver, DriverFactory, SubscribingDriver, resolve_factory
+from .drivers.base import DeclaresOptions
 from .errors import ConfigurationError, ErrorHandler
 
 __all__ = [
@@ -261,14 +262,14 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
     )
 
 
-def build_driver(config: LayerConfig, instance_id: str) -> Driver:
+def build_driver(config: LayerConfig, instance_id: str) -> Driver | SubscribingDriver:
     """Call the driver factory; its option errors come back naming the setting.
 
-    Factories open nothing (connections belong to ``subscribe``/``publish``), so this is
+    Factories open nothing (connections belong to ``listen``/``publish``), so this is
     also how ``manage.py check`` validates driver options without touching the network.
     """
-    known = getattr(config.driver, "OPTIONS", None)
-    if known is not None:
+    if isinstance(config.driver, DeclaresOptions):
+        known = config.driver.OPTIONS
         for key in config.options:
             if key != "channel" and key not in known:
                 options = ", ".join(sorted(known)) or "none"

@@ -22,8 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .drivers import _mp_paths as paths
-from .drivers._mp_relay import RelayAlreadyRunning, serve
+from .drivers.multiprocessing import paths
+from .drivers.multiprocessing.relay import RelayAlreadyRunning, serve
 
 __all__ = ["EXIT_ALREADY_RUNNING", "EXIT_ERROR", "main"]
 

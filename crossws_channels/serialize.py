@@ -14,11 +14,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-__all__ = ["BINARY_MARKER", "Template", "copy_message", "dumps", "loads", "payload_size"]
+if TYPE_CHECKING:
+    from .envelope import SyncMessage
+
+__all__ = [
+    "BINARY_MARKER",
+    "Template",
+    "copy_message",
+    "dumps",
+    "loads",
+    "payload_size",
+    "relayed_payload",
+]
 
 # 0xC1 is the one byte msgpack never emits, so no plain msgpack document, and no
 # UTF-8 text, starts with this marker by accident.
@@ -142,6 +153,27 @@ def loads(data: str | bytes) -> Message:
     if type(message) is not dict:
         raise ValueError("data is not a message dict")
     return message
+
+
+def relayed_payload(msg: SyncMessage) -> str | bytes:
+    """The payload to queue for relayed ``msg``: its data if that is a Channels message,
+    else the data of a crossws peer wrapped as one (``{"type": "crossws.message",
+    "text"|"bytes": ..., "namespace": ...}``). Raises ValueError for binary data that
+    claims to be a message and is not."""
+    data = msg.data
+    if isinstance(data, str):
+        try:
+            decoded = json.loads(data)
+        except ValueError:
+            decoded = None
+        if type(decoded) is dict and isinstance(decoded.get("type"), str):
+            return data
+        return dumps({"type": "crossws.message", "text": data, "namespace": msg.namespace})
+    if data[:4] == BINARY_MARKER:
+        if not isinstance(loads(data).get("type"), str):
+            raise ValueError("the message has no 'type'")
+        return data
+    return dumps({"type": "crossws.message", "bytes": data, "namespace": msg.namespace})
 
 
 def payload_size(data: str | bytes) -> int:

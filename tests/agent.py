@@ -44,12 +44,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CALL_TIMEOUT",
+    "RECORD",
     "ROOT",
     "Agent",
     "AgentError",
     "blob",
     "child_env",
     "from_json",
+    "operations",
+    "record_error",
     "to_json",
 ]
 
@@ -57,6 +61,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "tests.agent"
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 20.0
+RECORD = "tests.agent.record_error"
+"""An ``on_error`` value for an agent's CONFIG: the ``reports`` command returns them."""
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -247,7 +253,9 @@ def _group_send_in_rolled_back_transaction(
     return status
 
 
-def _operations(layer: Any) -> dict[str, Callable[..., Any]]:
+def operations(layer: Any) -> dict[str, Callable[..., Any]]:
+    """The commands an agent answers, each a coroutine function over ``layer``."""
+
     async def stats() -> dict[str, Any]:
         result: dict[str, Any] = layer.stats()
         return result
@@ -291,13 +299,13 @@ async def _serve(config: dict[str, Any]) -> None:
     layer = BackplaneChannelLayer(**config)
     await layer.new_channel()  # returns once the backplane subscription is in place
     _write({"ready": True, "instance_id": layer.instance_id, "pid": os.getpid()})
-    operations = _operations(layer)
+    table = operations(layer)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(command: dict[str, Any]) -> None:
         try:
-            operation = operations[command["op"]]
+            operation = table[command["op"]]
             result = await operation(*from_json(command.get("args", [])))
         except Exception as exc:
             error = {"error": type(exc).__name__, "message": str(exc)}
@@ -446,6 +454,11 @@ class Agent:
 
     def call(self, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         return self.result(self.submit(op, *args), timeout)
+
+    def sync_group_send(self, group: str, count: int, timeout: float = 120.0) -> dict[str, Any]:
+        """In a ``sync=True`` agent: ``count`` group_sends through async_to_sync."""
+        self.write(f"{group} {count}")
+        return self.event(timeout)
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

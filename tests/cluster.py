@@ -1,23 +1,116 @@
-"""A cluster of agent processes on any network driver, for tests written once for all.
+"""A cluster of agents on any driver, for tests written once for all of them.
 
-:class:`Cluster` starts :class:`tests.agent.Agent` processes that share one ``channel``
-over the driver it was made for, with whatever that driver needs around them: the
-shared Redis or PostgreSQL server, or a relay process of its own for ``multiprocessing``.
-The ``cluster`` fixture in ``conftest.py`` gives one per driver in :data:`DRIVERS`.
+:class:`Cluster` starts agents that share one ``channel`` over the driver it was made
+for, with whatever that driver needs around them: the shared Redis or PostgreSQL server,
+or a relay process of its own for ``multiprocessing``. On a network driver each agent is
+a real OS process (:class:`tests.agent.Agent`). The ``local`` driver relays inside one
+process only, so there each agent is a :class:`ThreadAgent`: a layer on an event loop of
+its own thread, answering the same commands. The ``cluster`` fixture in ``conftest.py``
+gives one cluster per driver in :data:`DRIVERS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import json
 import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-from tests.agent import Agent
+from tests.agent import CALL_TIMEOUT, RECORD, Agent, AgentError, from_json, operations, to_json
+from tests.loops import OtherLoop
 
-__all__ = ["DRIVERS", "Cluster"]
+__all__ = ["DRIVERS", "NETWORK_DRIVERS", "Cluster", "ThreadAgent"]
 
-DRIVERS = ("redis", "pgsql", "multiprocessing")
+NETWORK_DRIVERS = ("redis", "pgsql", "multiprocessing")
+DRIVERS = ("local", *NETWORK_DRIVERS)
+
+
+class ThreadAgent:
+    """The commands of :class:`tests.agent.Agent`, run by a layer on a thread of this
+    process (for the ``local`` driver). Results go through the same JSON round trip."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from crossws_channels.layer import BackplaneChannelLayer
+
+        self._reports: list[dict[str, Any]] = []
+        if config.get("on_error") == RECORD:
+            config = {**config, "on_error": self._record}
+        self._other = OtherLoop()
+        self.layer = BackplaneChannelLayer(**config)
+        self._operations = operations(self.layer)
+        self._operations["reports"] = self._reports_so_far
+        self._pending: dict[int, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self.instance_id = ""
+
+    def _record(self, error: Exception, stage: str) -> None:
+        self._reports.append(
+            {"type": type(error).__name__, "stage": stage, "count": getattr(error, "count", None)}
+        )
+
+    async def _reports_so_far(self) -> list[dict[str, Any]]:
+        return list(self._reports)
+
+    def wait_ready(self) -> ThreadAgent:
+        self.call("new_channel")  # returns once the subscription is in place
+        self.instance_id = self.layer.instance_id
+        return self
+
+    def submit(self, op: str, *args: Any) -> int:
+        command = next(self._ids)
+        arguments = from_json(json.loads(json.dumps(to_json(list(args)))))
+        coroutine = self._operations[op](*arguments)
+        self._pending[command] = asyncio.run_coroutine_threadsafe(coroutine, self._other.loop)
+        return command
+
+    def result(self, command: int, timeout: float = CALL_TIMEOUT) -> Any:
+        future = self._pending.pop(command)
+        try:
+            value = future.result(timeout)
+        except FutureTimeout:
+            raise AssertionError(f"thread agent: no answer {command} within {timeout} s") from None
+        except Exception as exc:
+            raise AgentError(type(exc).__name__, str(exc)) from exc
+        return from_json(json.loads(json.dumps(to_json(value))))
+
+    def call(self, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        return self.result(self.submit(op, *args), timeout)
+
+    def sync_group_send(self, group: str, count: int, timeout: float = 120.0) -> dict[str, Any]:
+        """``count`` group_sends through async_to_sync, from a thread without a loop, as
+        a sync view or a management command calls the layer."""
+        import threading
+        import time
+
+        from asgiref.sync import async_to_sync
+
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            started = time.monotonic()
+            group_send = async_to_sync(self.layer.group_send)
+            for n in range(count):
+                group_send(group, {"type": "sync.message", "n": n})
+            done.update(done=count, seconds=time.monotonic() - started)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(timeout)
+        assert done, f"thread agent: {count} sync group_sends did not finish in {timeout} s"
+        return done
+
+    def stop(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        if self._other.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.layer.close(), self._other.loop).result(15)
+        self._other.close()
 
 
 class Cluster:
@@ -28,7 +121,8 @@ class Cluster:
         self.channel = f"cl-{uuid.uuid4().hex[:10]}"
         self._options = options
         self._log_dir = log_dir
-        self._agents: list[Agent] = []
+        self._agents: list[Agent | ThreadAgent] = []
+        self._siblings: list[Cluster] = []
         self._stack = contextlib.ExitStack()
         if driver == "multiprocessing":
             from tests.drivers.test_multiprocessing_helpers import (
@@ -44,13 +138,29 @@ class Cluster:
         """The CONFIG of this cluster's layers, with ``overrides``."""
         return {"driver": self.driver, "channel": self.channel, **self._options, **overrides}
 
-    def start(self, count: int, **overrides: Any) -> list[Agent]:
-        """Start ``count`` agents (CONFIG ``overrides`` for all of them), ready."""
-        batch = [Agent(self.config(**overrides)) for _ in range(count)]
+    def start(self, count: int, *, sync: bool = False, **overrides: Any) -> list[Any]:
+        """Start ``count`` agents (CONFIG ``overrides`` for all of them), ready. With
+        ``sync``, agents that call the layer through ``async_to_sync`` only (network
+        drivers: a process, like a management command)."""
+        config = self.config(**overrides)
+        batch: list[Agent | ThreadAgent]
+        if self.driver == "local":
+            batch = [ThreadAgent(config) for _ in range(count)]
+        else:
+            batch = [Agent(config, sync=sync) for _ in range(count)]
         self._agents.extend(batch)
         return [agent.wait_ready() for agent in batch]
 
+    def sibling(self) -> Cluster:
+        """Another cluster (another ``channel``) on the same server, stopped with this one."""
+        options = {k: v for k, v in self._options.items() if k != "socket_dir"}
+        other = Cluster(self.driver, options, self._log_dir)
+        self._siblings.append(other)
+        return other
+
     def close(self) -> None:
+        for sibling in self._siblings:
+            sibling.close()
         for agent in self._agents:
             agent.stop()
         self._stack.close()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from crossws_channels import _backplane
-from crossws_channels.drivers.base import Deliver
+from crossws_channels import _outbox
+from crossws_channels.drivers.base import Deliver, Ready
 from crossws_channels.drivers.local import LocalDriver
 from crossws_channels.errors import BackplaneOverloaded, MessageTooLarge
 from tests.conftest import ErrorLog
@@ -16,14 +16,16 @@ from tests.test_semantics import DownDriver, StalledDriver
 
 
 class ReconnectingDriver(LocalDriver):
-    """The local driver, able to report a lost and regained subscription as a network
-    driver does."""
+    """The local driver, whose ``deliver`` a test can tell of a lost and regained
+    subscription, as the layer's supervisor does for a network driver."""
 
+    last: ClassVar[ReconnectingDriver | None] = None
     deliver: Deliver
 
-    async def subscribe(self, deliver: Deliver, /) -> None:
+    async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
         self.deliver = deliver
-        await super().subscribe(deliver)
+        ReconnectingDriver.last = self
+        await super().listen(deliver, ready)
 
 
 async def test_traffic_counters(make_layer: Any) -> None:
@@ -77,16 +79,19 @@ async def test_backplane_failure_counters(make_layer: Any, errors: ErrorLog) -> 
 
 
 async def test_connection_counters(make_layer: Any) -> None:
-    """subscribed, disconnects and reconnects follow the driver's connection events."""
+    """subscribed (each time the subscription came up), disconnects (each time an
+    established one broke) and reconnects (each outage that ended) follow the
+    subscription's events; a failure during an outage only counts as an error."""
     layer = make_layer(driver=ReconnectingDriver)
     await layer.new_channel()
-    driver = layer._backplane._driver
+    driver = ReconnectingDriver.last
+    assert driver is not None
     driver.deliver.connection_lost(ConnectionResetError("gone"))
     assert layer.stats()["connected"] is False
     driver.deliver.connection_lost(ConnectionResetError("still gone"))  # same outage
     driver.deliver.connection_made()
     stats = layer.stats()
-    assert (stats["subscribed"], stats["disconnects"], stats["reconnects"]) == (1, 1, 1)
+    assert (stats["subscribed"], stats["disconnects"], stats["reconnects"]) == (2, 1, 1)
     assert stats["errors.subscribe"] == 2
     assert stats["connected"] is True
 
@@ -95,8 +100,8 @@ async def test_overload_counter(
     make_layer: Any, errors: ErrorLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Messages that can't be relayed in time are dropped, counted and reported."""
-    monkeypatch.setattr(_backplane, "HIGH_WATER", 5)
-    monkeypatch.setattr(_backplane, "ROOM_TIMEOUT", 0.1)
+    monkeypatch.setattr(_outbox, "HIGH_WATER", 5)
+    monkeypatch.setattr(_outbox, "ROOM_TIMEOUT", 0.1)
     layer = make_layer(driver=StalledDriver, on_error=errors)
     for n in range(20):
         await layer.group_send("room", {"type": "n", "n": n})

@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from tests.conftest import ErrorLog
+from tests.servers import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "tests" / "typing" / "third_party_driver.py"
 DRIVER = "tests.typing.third_party_driver.TinyRedisDriver"
@@ -47,3 +50,34 @@ async def test_it_relays_groups_and_direct_sends(make_layer: Any, redis_url: str
     assert await asyncio.wait_for(b.receive(theirs), 2) == {"type": "direct"}
     await asyncio.sleep(0.1)
     assert a.stats()["queued"] == 0
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_it_comes_back_after_a_redis_restart(
+    make_layer: Any, redis_server: RedisServer, errors: ErrorLog
+) -> None:
+    """The page's driver has no reconnect code, and relays again after Redis restarted,
+    as a built-in driver does: its listen() ends with the connection (or redis-py's own
+    retries carry it over), and the layer listens again, reporting the outage once."""
+    a = make_layer(driver=DRIVER, url=redis_server.url)
+    b = make_layer(driver=DRIVER, url=redis_server.url, on_error=errors)
+    theirs = await b.new_channel()
+    await b.group_add("room", theirs)
+    await a.group_send("room", {"type": "before"})
+    assert await asyncio.wait_for(b.receive(theirs), 2) == {"type": "before"}
+    redis_server.stop()
+    await asyncio.sleep(1.0)  # down for a while: the subscription breaks
+    await asyncio.to_thread(redis_server.start)
+
+    async def relayed() -> bool:
+        await a.group_send("room", {"type": "after"})
+        try:
+            return await asyncio.wait_for(b.receive(theirs), 0.2) == {"type": "after"}
+        except asyncio.TimeoutError:
+            return False
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while not await relayed():
+        assert asyncio.get_running_loop().time() < deadline, "not relaying after the restart"
+    assert len([e for e, stage in errors.calls if stage == "subscribe"]) <= 1

@@ -8,9 +8,10 @@ wasted time on a fast one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 __all__ = ["eventually", "eventually_async"]
 
@@ -38,11 +39,17 @@ def eventually(found: Callable[[], T], timeout: float = 10.0, what: str = "the c
 
 
 async def eventually_async(
-    found: Callable[[], T], timeout: float = 10.0, what: str = "the condition"
+    found: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = "the condition"
 ) -> T:
-    """:func:`eventually` for a test running on an event loop."""
+    """:func:`eventually` for a test running on an event loop; ``found`` may be a
+    coroutine function (a query to a server, say)."""
     deadline = time.monotonic() + timeout
-    while (value := _poll(found, deadline, timeout, what)) is None:  # noqa: ASYNC110
-        # Polling is the point: what is polled has no event to wait on.
+    while True:
+        value = found()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return cast(T, value)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s (last: {value!r})")
         await asyncio.sleep(POLL)
-    return value

@@ -11,28 +11,39 @@ from typing import Any, cast
 
 from django.utils.module_loading import import_string
 
-from ._mp_primary import setup_primary
 from .base import (
+    Capabilities,
+    DeclaresEcho,
+    DeclaresOptions,
     Deliver,
     Driver,
     DriverFactory,
     Outgoing,
+    Ready,
+    SubscribingDriver,
     SupportsBatch,
     SupportsDirect,
     SupportsFlush,
     SupportsWorkerQueue,
+    capabilities,
 )
 
 __all__ = [
     "BUILTIN",
+    "Capabilities",
+    "DeclaresEcho",
+    "DeclaresOptions",
     "Deliver",
     "Driver",
     "DriverFactory",
     "Outgoing",
+    "Ready",
+    "SubscribingDriver",
     "SupportsBatch",
     "SupportsDirect",
     "SupportsFlush",
     "SupportsWorkerQueue",
+    "capabilities",
     "resolve_factory",
     "setup_primary",
 ]
@@ -63,3 +74,13 @@ def resolve_factory(driver: str | Callable[..., Any]) -> DriverFactory:
     if not callable(factory):
         raise ValueError(f"driver {driver!r} imports as {factory!r}, which is not callable")
     return cast(DriverFactory, factory)
+
+
+def __getattr__(name: str) -> Any:
+    # setup_primary imports the multiprocessing driver's process management (subprocess,
+    # select, threads): only for those who ask for it.
+    if name == "setup_primary":
+        from .multiprocessing import setup_primary
+
+        return setup_primary
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

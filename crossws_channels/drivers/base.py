@@ -1,47 +1,59 @@
-"""The driver interface: what a backplane must provide to the layer.
+"""The driver interface: everything the layer asks of a backplane, and nothing more.
 
 A driver moves envelope text between the instances of one cluster. The layer does the
 rest: it encodes and decodes envelopes, suppresses its own echo, validates what arrives,
-keeps channels and groups, and reports errors. A driver is made by a factory
+keeps channels and groups, keeps the subscription up (one supervisor, one backoff, for
+every driver), and reports errors. A driver is made by a factory
 ``factory(instance_id, options)``; a class whose ``__init__`` takes those two arguments is
 itself a factory.
 
-The three required methods mirror crossws's ``SyncDriver``. The optional capabilities are
-small protocols of their own; the layer checks for them once, when it builds the driver,
-and falls back to something slower but correct when one is missing.
+Three methods are required (:class:`Driver`). The optional capabilities are small
+protocols of their own; the layer looks for them once per driver class
+(:func:`capabilities`) and falls back to something slower but correct when one is
+missing. Every attribute the layer reads from a driver or a factory is declared here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from ..errors import Stage
 
 __all__ = [
+    "Capabilities",
+    "DeclaresEcho",
+    "DeclaresOptions",
     "Deliver",
     "Driver",
     "DriverFactory",
     "Outgoing",
+    "Ready",
+    "SubscribingDriver",
     "SupportsBatch",
     "SupportsDirect",
     "SupportsFlush",
     "SupportsWorkerQueue",
+    "capabilities",
 ]
 
 Outgoing: TypeAlias = tuple["str | None", str]
 """One message to relay: the target instance id (``None`` for every instance) and the
 envelope text."""
 
+Ready: TypeAlias = Callable[[], None]
+"""What :meth:`Driver.listen` calls once its subscription is in place."""
+
 
 class Deliver(Protocol):
-    """What :meth:`Driver.subscribe` receives: the way back into the layer.
+    """What :meth:`Driver.listen` receives: the way back into the layer.
 
     Call it with every message that arrives, as text or UTF-8 bytes, exactly as it came
     off the wire: the layer decodes it, drops what is malformed (and reports it), and
     ignores this instance's own echo. It is synchronous and never raises, and must be
-    called on the event loop ``subscribe`` was called on.
+    called on the event loop ``listen`` was called on.
 
     It returns ``None``, or an ``asyncio.Future`` when a channel the message was for is
     full while its consumer is reading: *backpressure*. A driver that honours it delivers
@@ -50,9 +62,6 @@ class Deliver(Protocol):
     buffers. The future is done within the layer's ``backpressure`` setting, at most.
     A driver that ignores it keeps working; the layer then drops messages for full
     channels instead, as it does with backpressure off.
-
-    The methods let a driver that keeps its subscription alive by itself tell the layer
-    what happened. The layer reports each outage once, not once per failed attempt.
     """
 
     def __call__(self, raw: str | bytes, /) -> asyncio.Future[None] | None: ...
@@ -61,48 +70,79 @@ class Deliver(Protocol):
         """Report a failure the driver handled itself (it is not an outage)."""
 
     def connection_lost(self, error: Exception, /) -> None:
-        """The subscription broke; the driver is reconnecting."""
+        """The subscription broke. The layer calls it for a :class:`Driver`; a
+        :class:`SubscribingDriver`, which reconnects by itself, calls it."""
 
     def connection_made(self) -> None:
-        """The subscription is in place again after :meth:`connection_lost`."""
+        """The subscription is in place (again). Called like :meth:`connection_lost`."""
 
 
 class Driver(Protocol):
-    """A backplane connecting the instances of one cluster (one ``channel`` value).
-
-    A driver whose ``publish`` does not come back to the publishing instance's own
-    subscription (most pub/sub servers do echo) sets a class attribute
-    ``echoes = False``: the layer's heartbeat then travels by ``publish_to`` instead.
-    """
+    """A backplane connecting the instances of one cluster (one ``channel`` value)."""
 
     async def publish(self, envelope: str, /) -> None:
         """Relay ``envelope`` to every instance of the cluster, this one included if the
         backplane echoes (the layer drops its own echo). Raise if it could not be sent;
         the layer reports it with stage ``publish``."""
 
-    async def subscribe(self, deliver: Deliver, /) -> None:
-        """Start listening and return once the subscription is in place.
-
-        Raise if it can't be established; the layer reports it and calls ``subscribe``
-        again later, with backoff. Once it has returned, keeping the subscription alive
-        (reconnecting, resubscribing) is the driver's job.
-        """
+    async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
+        """Subscribe, call ``ready()`` once the subscription is in place, then hand
+        every message to ``deliver`` until the subscription is lost: then raise (or
+        return). Don't reconnect: the layer calls ``listen`` again, after a backoff, for
+        as long as it runs, and reports each outage once. It cancels ``listen`` to stop
+        (or to renew a subscription that went deaf); release the subscription then."""
 
     async def close(self) -> None:
-        """Stop listening and release what the driver opened, but not a client the user
-        passed in."""
+        """Stop and release what the driver opened, but not a client the user passed in."""
+
+
+class SubscribingDriver(Protocol):
+    """The earlier form of :class:`Driver`, still accepted: ``subscribe`` instead of
+    ``listen``.
+
+    ``subscribe(deliver)`` returns once listening and then keeps the subscription alive
+    by itself (reconnecting, resubscribing), telling the layer with
+    ``deliver.connection_lost(error)`` and ``deliver.connection_made()``. If it raises, the
+    layer calls it again later, with backoff.
+    """
+
+    async def publish(self, envelope: str, /) -> None: ...
+
+    async def subscribe(self, deliver: Deliver, /) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class DriverFactory(Protocol):
     """Builds the driver of one layer instance.
 
     ``options`` holds ``channel`` and every CONFIG key the layer does not use itself;
-    reject unknown ones with :class:`~crossws_channels.errors.ConfigurationError`.
-    Opening connections belongs in ``subscribe``/``publish``, not here: the factory runs
-    when Django builds the layer, outside any event loop.
+    reject unknown ones with :class:`~crossws_channels.errors.ConfigurationError` (or
+    declare them, :class:`DeclaresOptions`). Opening connections belongs in
+    ``listen``/``publish``, not here: the factory runs when Django builds the layer,
+    outside any event loop.
     """
 
-    def __call__(self, instance_id: str, options: Mapping[str, Any], /) -> Driver: ...
+    def __call__(
+        self, instance_id: str, options: Mapping[str, Any], /
+    ) -> Driver | SubscribingDriver: ...
+
+
+@runtime_checkable
+class DeclaresOptions(Protocol):
+    """A factory that names the CONFIG keys its drivers take (besides ``channel``): the
+    layer then rejects any other key, naming the setting and the known ones."""
+
+    OPTIONS: frozenset[str]
+
+
+@runtime_checkable
+class DeclaresEcho(Protocol):
+    """A driver that says whether a ``publish`` comes back to the publishing instance's
+    own subscription. Without it the layer assumes it does (most pub/sub servers echo).
+    With ``echoes = False`` the layer's heartbeat travels by ``publish_to`` instead."""
+
+    echoes: bool
 
 
 @runtime_checkable
@@ -154,3 +194,36 @@ class SupportsFlush(Protocol):
     """Delete what the cluster keeps in the backplane (worker queues), for ``flush()``."""
 
     async def flush(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a driver class offers, as the layer sees it."""
+
+    listens: bool
+    """It has ``listen`` (a :class:`Driver`); otherwise ``subscribe``."""
+    echoes: bool
+    direct: bool
+    batch: bool
+    worker_queue: bool
+    flush: bool
+
+
+_known: dict[type, Capabilities] = {}
+
+
+def capabilities(driver: object) -> Capabilities:
+    """The capabilities of ``driver``'s class, looked up once per class: a runtime
+    protocol check costs microseconds, and the layer asks on every message it sends."""
+    kind = type(driver)
+    found = _known.get(kind)
+    if found is None:
+        found = _known[kind] = Capabilities(
+            listens=callable(getattr(driver, "listen", None)),
+            echoes=driver.echoes if isinstance(driver, DeclaresEcho) else True,
+            direct=isinstance(driver, SupportsDirect),
+            batch=isinstance(driver, SupportsBatch),
+            worker_queue=isinstance(driver, SupportsWorkerQueue),
+            flush=isinstance(driver, SupportsFlush),
+        )
+    return found

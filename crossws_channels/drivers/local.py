@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._registry import wake
-from .base import Deliver, Outgoing
+from ..loops import wake
+from .base import Deliver, Outgoing, Ready
 
 __all__ = ["INBOX_LIMIT", "ROOM_WAIT", "LocalDriver"]
 
@@ -167,21 +167,32 @@ class LocalDriver:
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
         await self._post(batch)
 
-    async def subscribe(self, deliver: Deliver, /) -> None:
-        loop = asyncio.get_running_loop()
+    async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
+        """Receive what the cluster's instances publish, until cancelled: nothing can
+        break a subscription in memory."""
+        subscriber = _Subscriber(asyncio.get_running_loop(), deliver)
         with _lock:
-            self._cluster().subscribers[self._instance_id] = _Subscriber(loop, deliver)
+            self._cluster().subscribers[self._instance_id] = subscriber
+        try:
+            ready()
+            await asyncio.Event().wait()
+        finally:
+            self._unsubscribe(subscriber)
 
-    async def close(self) -> None:
+    def _unsubscribe(self, subscriber: _Subscriber | None = None) -> None:
         with _lock:
             cluster = _clusters.get(self._channel)
             if cluster is None:
                 return
-            cluster.subscribers.pop(self._instance_id, None)
+            if subscriber is None or cluster.subscribers.get(self._instance_id) is subscriber:
+                cluster.subscribers.pop(self._instance_id, None)
             if not cluster.subscribers and not any(
                 q.items or q.waiters for q in cluster.queues.values()
             ):
                 del _clusters[self._channel]
+
+    async def close(self) -> None:
+        self._unsubscribe()
 
     # Worker queues
 

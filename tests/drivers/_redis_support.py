@@ -14,6 +14,7 @@ import redis.asyncio
 
 from crossws_channels.drivers.redis import RedisDriver
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 
 
 def unique(prefix: str = "t") -> str:
@@ -72,14 +73,11 @@ async def pubsub_messages(pubsub: Any, count: int) -> list[bytes]:
 async def subscribed(
     url: str, channel: str, instance_id: str | None = None, **options: Any
 ) -> AsyncIterator[tuple[RedisDriver, Collector]]:
-    """A redis driver subscribed on ``channel`` with a fresh collector, closed afterwards."""
+    """A redis driver listening on ``channel`` into a fresh collector, closed afterwards."""
     driver = RedisDriver(instance_id or unique("i"), {"channel": channel, "url": url, **options})
     collector = Collector()
-    try:
-        await driver.subscribe(collector)
+    async with await listen(driver, collector):
         yield driver, collector
-    finally:
-        await driver.close()
 
 
 @contextmanager

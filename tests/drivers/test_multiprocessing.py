@@ -24,18 +24,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crossws_channels.drivers import _mp_paths as paths
-from crossws_channels.drivers import _mp_wire as wire
 from crossws_channels.drivers.base import (
     SupportsBatch,
     SupportsDirect,
     SupportsFlush,
     SupportsWorkerQueue,
 )
-from crossws_channels.drivers.multiprocessing import MultiprocessingDriver
+from crossws_channels.drivers.multiprocessing import MultiprocessingDriver, paths, wire
 from crossws_channels.envelope import SyncMessage, encode_envelope, encode_frame
 from crossws_channels.errors import ConfigurationError, RelayUnavailable
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 from tests.drivers.test_multiprocessing_helpers import (
     ROOT,
     RelayProcess,
@@ -99,7 +98,7 @@ async def make_driver(channel: str, socket_dir: Path) -> AsyncIterator[MakeDrive
         made.append(driver)
         deliver = collector or Collector()
         if subscribe:
-            await driver.subscribe(deliver)
+            await listen(driver, deliver)
         return driver, deliver
 
     yield make
@@ -118,6 +117,7 @@ def future_deadline(seconds: float = 30.0) -> float:
 WORKER_SCRIPT = r"""
 import asyncio, sys
 from crossws_channels.drivers.multiprocessing import MultiprocessingDriver
+from tests.drivers.listening import listen
 
 class Deliver:
     def __call__(self, raw):
@@ -131,7 +131,7 @@ class Deliver:
 
 async def main(instance, channel, socket_dir, mode):
     driver = MultiprocessingDriver(instance, {"channel": channel, "socket_dir": socket_dir})
-    await driver.subscribe(Deliver())
+    await listen(driver, Deliver())
     if mode == "block":
         # A receive that stays pending in the relay until this process dies.
         task = asyncio.ensure_future(driver.queue_pop("jobs", 3600))
@@ -582,7 +582,7 @@ async def test_relay_crash_leaves_a_stale_socket_that_the_next_relay_replaces(
     assert relay.path.exists()
     late = MultiprocessingDriver("late", {"channel": channel, "socket_dir": str(socket_dir)})
     with pytest.raises(RelayUnavailable, match="stale"):
-        await late.subscribe(Collector())
+        await listen(late, Collector())
     await late.close()
     ready_at = await asyncio.to_thread(relay.start)
     assert "removing the stale socket" in relay.output()
@@ -810,7 +810,7 @@ def test_driver_on_a_new_loop_after_close_leaks_nothing(
     async def cycle(n: int) -> None:
         driver = MultiprocessingDriver(f"loop{n}", options)
         seen = Collector()
-        await driver.subscribe(seen)
+        await listen(driver, seen)
         await driver.publish(envelope(f"loop{n}", "room"))
         waiting = asyncio.ensure_future(driver.queue_pop("jobs", 30))
         await asyncio.sleep(0.01)
@@ -857,6 +857,7 @@ class CountingPopen(_Popen):
 subprocess.Popen = CountingPopen
 
 from crossws_channels.drivers.multiprocessing import MultiprocessingDriver, setup_primary
+from tests.drivers.listening import listen
 
 async def exchange(name):
     driver = MultiprocessingDriver(name, {"channel": channel, "socket_dir": socket_dir})
@@ -865,7 +866,7 @@ async def exchange(name):
         def report(self, error, stage): pass
         def connection_lost(self, error): pass
         def connection_made(self): pass
-    await driver.subscribe(Deliver())
+    await listen(driver, Deliver())
     ok = await driver.queue_push("jobs", name, 10, time.time() + 30)
     await driver.close()
     return ok

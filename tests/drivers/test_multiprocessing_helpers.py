@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from crossws_channels.drivers import _mp_paths as paths
+from crossws_channels.drivers.multiprocessing import paths
 from tests.agent import ROOT, AgentError, child_env, from_json, to_json
 
 __all__ = [

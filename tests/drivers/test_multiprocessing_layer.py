@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from channels.exceptions import ChannelFull
 
 from crossws_channels.errors import RelayUnavailable
 from tests.conftest import ErrorLog
@@ -74,115 +73,6 @@ async def receive(layer: Any, channel: str, timeout: float = 5.0) -> dict[str, A
 async def nothing_on(layer: Any, channel: str, timeout: float = 0.3) -> None:
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(layer.receive(channel), timeout)
-
-
-async def test_groups_span_processes(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """A group_send in any process reaches the group's members in every process, once."""
-    layer = make_layer(**config)
-    one, two = await make_agent(), await make_agent()
-    here = await layer.new_channel()
-    there_one = await one.call("new_channel")
-    there_two = await two.call("new_channel")
-    await layer.group_add("room", here)
-    await one.call("group_add", "room", there_one)
-    await two.call("group_add", "room", there_two)
-
-    message = {"type": "chat.message", "text": "héllo", "blob": b"\x00\xff", "n": [1, 2.5]}
-    await layer.group_send("room", message)
-    assert await receive(layer, here) == message
-    assert await one.call("receive", there_one, 5) == message
-    assert await two.call("receive", there_two, 5) == message
-
-    await one.call("group_send", "room", {"type": "chat.message", "text": "from one"})
-    assert (await receive(layer, here))["text"] == "from one"
-    assert (await two.call("receive", there_two, 5))["text"] == "from one"
-    assert (await one.call("receive", there_one, 5))["text"] == "from one"
-
-    await nothing_on(layer, here)
-    assert await one.call("receive", there_one, 0.3) is None
-    assert await two.call("receive", there_two, 0.3) is None
-
-
-async def test_direct_send_is_routed_to_the_owner_only(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """A send to another process's channel reaches that process only, never the others."""
-    layer = make_layer(**config)
-    owner, bystander = await make_agent(), await make_agent()
-    target = await owner.call("new_channel")
-    before = (await bystander.call("stats")).get("relayed_in", 0)
-    for n in range(5):
-        await layer.send(target, {"type": "direct", "n": n})
-    assert [(await owner.call("receive", target, 5))["n"] for _ in range(5)] == list(range(5))
-    await owner.call("send", await layer.new_channel(), {"type": "sync"})
-    await asyncio.sleep(0.2)
-    assert (await bystander.call("stats")).get("relayed_in", 0) == before
-
-
-async def test_group_add_of_another_process_channel(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """group_add and group_discard of a channel another process owns take effect there."""
-    layer = make_layer(**config)
-    agent = await make_agent()
-    remote = await agent.call("new_channel")
-    await layer.group_add("remote-group", remote)
-    await asyncio.sleep(0.1)
-    await layer.group_send("remote-group", {"type": "g", "text": "in"})
-    assert (await agent.call("receive", remote, 5))["text"] == "in"
-    await layer.group_discard("remote-group", remote)
-    await asyncio.sleep(0.1)
-    await layer.group_send("remote-group", {"type": "g", "text": "out"})
-    assert await agent.call("receive", remote, 0.5) is None
-
-
-async def test_worker_channel_messages_are_received_exactly_once(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """Two processes receiving one worker channel get every message exactly once."""
-    layer = make_layer(**config)
-    one, two = await make_agent(), await make_agent()
-    drains = [
-        asyncio.ensure_future(agent.call("drain", "thumbnails", 2.0, timeout=60))
-        for agent in (one, two)
-    ]
-    await asyncio.sleep(0.3)
-    for n in range(60):
-        await layer.send("thumbnails", {"type": "job", "n": n})
-    got = [message["n"] for batch in await asyncio.gather(*drains) for message in batch]
-    assert sorted(got) == list(range(60))
-
-
-async def test_worker_channel_waits_for_a_receiver_until_expiry(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """A worker-channel message waits in the relay for a receiver, up to ``expiry``."""
-    layer = make_layer(**config, expiry=1)
-    # Started first, so that its start-up time (long on a busy machine) is not counted.
-    agent = await make_agent(expiry=1)
-    await layer.send("jobs", {"type": "job", "n": "kept"})
-    await asyncio.sleep(0.5)
-    assert (await agent.call("receive", "jobs", 5))["n"] == "kept"
-    await layer.send("short-lived", {"type": "job", "n": "lost"})
-    await asyncio.sleep(1.3)
-    assert await agent.call("receive", "short-lived", 0.5) is None
-
-
-async def test_worker_channel_capacity_is_cluster_wide(
-    relay: RelayProcess, make_layer: Any, make_agent: MakeAgent, config: dict[str, Any]
-) -> None:
-    """A worker channel holds ``capacity`` messages for the whole cluster; then ChannelFull."""
-    layer = make_layer(**config, capacity=2)
-    agent = await make_agent(capacity=2)
-    await layer.send("jobs", {"type": "job", "n": 0})
-    await agent.call("send", "jobs", {"type": "job", "n": 1})
-    with pytest.raises(ChannelFull):
-        await layer.send("jobs", {"type": "job", "n": 2})
-    assert (await agent.call("receive", "jobs", 5))["n"] == 0
-    await layer.send("jobs", {"type": "job", "n": 2})
-    assert [(await receive(layer, "jobs"))["n"] for _ in range(2)] == [1, 2]
 
 
 async def test_missing_relay_is_reported_and_local_delivery_works(

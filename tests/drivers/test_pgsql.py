@@ -22,16 +22,17 @@ from crossws_channels.drivers import (
     SupportsFlush,
     SupportsWorkerQueue,
 )
-from crossws_channels.drivers._pgsql_options import (
+from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
+from crossws_channels.drivers.pgsql.options import (
     Names,
     _check_psycopg_version,
     direct_channel,
 )
-from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
 from crossws_channels.envelope import SyncMessage, decode_envelope, encode_envelope
 from crossws_channels.errors import BackplaneError, ConfigurationError
 from tests.conftest import PG_DSN
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 from tests.drivers.test_pgsql_support import (
     CONNECTORS,
     Cluster,
@@ -43,6 +44,7 @@ from tests.drivers.test_pgsql_support import (
     unique,
 )
 from tests.servers import free_port
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.pgsql
 
@@ -531,25 +533,29 @@ async def test_publishing_never_joins_the_apps_transaction(
 # Connecting, ownership, leaks
 
 
-async def test_subscribe_raises_when_the_server_is_unreachable() -> None:
-    """Nothing listening on the port: subscribe raises at once (the layer retries)."""
+def not_ready() -> None:
+    raise AssertionError("listen() called ready() without a subscription")
+
+
+async def test_listen_raises_when_the_server_is_unreachable() -> None:
+    """Nothing listening on the port: listen raises at once (the layer retries)."""
     driver = PgsqlDriver(
         "i", {"channel": unique(), "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/x"}
     )
     started = time.monotonic()
     with pytest.raises(psycopg.OperationalError):
-        await driver.subscribe(Collector())
+        await driver.listen(Collector(), not_ready)
     assert time.monotonic() - started < 5
     await driver.close()
 
 
-async def test_subscribe_twice_and_use_after_close_raise(psycopg_cluster: Cluster) -> None:
-    """subscribe() may only succeed once; a closed driver refuses work; close is idempotent."""
+async def test_use_after_close_raises(psycopg_cluster: Cluster) -> None:
+    """A closed driver refuses work, listening included; close is idempotent."""
     a, _ = await psycopg_cluster.member("a")
+    await a.close()
+    await a.close()
     with pytest.raises(RuntimeError):
-        await a.subscribe(Collector())
-    await a.close()
-    await a.close()
+        await a.listen(Collector(), not_ready)
     with pytest.raises(RuntimeError):
         await a.publish("x")
     with pytest.raises(RuntimeError):
@@ -588,7 +594,7 @@ async def test_user_asyncpg_client_stays_open_and_is_unlistened(
         a, _ = await psycopg_cluster.member("a")
         b = psycopg_cluster.driver("b", client=client)
         got = Collector()
-        await b.subscribe(got)
+        await listen(b, got)
         assert b.options.client_kind == "asyncpg"
         await a.publish("to asyncpg")
         await b.publish("from b")
@@ -616,14 +622,14 @@ async def test_factory_connections_are_owned_and_closed(
     await got.wait_for(lambda c: c.raw == ["x", "y"])
     assert len(await backends(pg_dsn, FACTORY_NAME)) == 2  # listening + publishing
     await b.close()
-    await eventually_async(lambda: backends(pg_dsn, FACTORY_NAME), [])
+    await eventually_async(lambda: none_left(pg_dsn, FACTORY_NAME), what="connections closed")
 
 
-async def test_factory_returning_something_else_fails_subscribe(psycopg_cluster: Cluster) -> None:
-    """A factory that returns no connection makes subscribe raise a configuration error."""
+async def test_factory_returning_something_else_fails_listen(psycopg_cluster: Cluster) -> None:
+    """A factory that returns no connection makes listen raise a configuration error."""
     driver = psycopg_cluster.driver("a", client=f"{__name__}.make_nothing_useful")
     with pytest.raises(ConfigurationError):
-        await driver.subscribe(Collector())
+        await driver.listen(Collector(), not_ready)
 
 
 async def test_application_name_identifies_the_drivers_connections(
@@ -635,15 +641,14 @@ async def test_application_name_identifies_the_drivers_connections(
     assert await a.queue_push("w", "x", 1, time.time() + 5)
     assert len(await backends(pg_dsn, psycopg_cluster.application_name)) == 3
     await a.close()
-    await eventually_async(lambda: backends(pg_dsn, psycopg_cluster.application_name), [])
+    await eventually_async(
+        lambda: none_left(pg_dsn, psycopg_cluster.application_name), what="connections closed"
+    )
 
 
-async def eventually_async(fetch: Any, expected: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (value := await fetch()) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{value!r} != {expected!r}")
-        await asyncio.sleep(0.05)
+async def none_left(dsn: str, application_name: str) -> bool:
+    """Whether no backend of ``application_name`` is connected any more."""
+    return await backends(dsn, application_name) == []
 
 
 @pytest.mark.parametrize("connector_name", ["psycopg", "asyncpg"])
@@ -663,7 +668,7 @@ def test_no_connection_leaks_across_event_loops(pg_dsn: str, connector_name: str
             },
         )
         got = Collector()
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish(f"m{i}")
         await driver.publish("L" * 9000)
         assert await driver.queue_push("w", "x", 100, time.time() + 60)
@@ -710,14 +715,18 @@ def test_binary_survives_base64_in_the_envelope() -> None:
     text.encode("ascii")
 
 
-async def test_close_during_subscribe_leaves_nothing_open(
+async def test_close_during_listen_leaves_nothing_open(
     psycopg_cluster: Cluster, pg_dsn: str
 ) -> None:
-    """A close() that overtakes a connecting subscribe() leaves no connection behind."""
+    """Stopping a listen() that is still connecting, then closing (as the layer does),
+    leaves no connection behind."""
     driver = psycopg_cluster.driver("a")
-    subscribing = asyncio.create_task(driver.subscribe(Collector()))
+    listening = asyncio.create_task(driver.listen(Collector(), not_ready))
     await asyncio.sleep(0)
+    listening.cancel()
     await driver.close()
-    with pytest.raises(RuntimeError):
-        await subscribing
-    await eventually_async(lambda: backends(pg_dsn, psycopg_cluster.application_name), [])
+    with pytest.raises(asyncio.CancelledError):
+        await listening
+    await eventually_async(
+        lambda: none_left(pg_dsn, psycopg_cluster.application_name), what="connections closed"
+    )

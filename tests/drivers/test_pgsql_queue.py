@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from crossws_channels.drivers._pgsql_sql import WAKE_BELOW
 from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
+from crossws_channels.drivers.pgsql.sql import WAKE_BELOW
 from crossws_channels.errors import MessageExpired
 from tests.drivers.test_pgsql_support import (
     CONNECTORS,
@@ -211,15 +211,19 @@ async def test_a_receiver_behind_many_locked_rows_waits_for_the_hand_over(
 
 
 def count_pops(driver: PgsqlDriver) -> list[int]:
-    """Count the pop statements ``driver`` runs from now on (in the list's one element)."""
+    """Count the pop statements ``driver`` runs from now on (in the list's one element).
+
+    Nothing public tells how often the server was asked, so this wraps the queue module's
+    one statement runner."""
     count = [0]
-    pop = driver._pop
+    queues = driver._queues
+    pop = queues._pop
 
     async def counted(session: Any, channel: str) -> Any:
         count[0] += 1
         return await pop(session, channel)
 
-    driver._pop = counted  # type: ignore[method-assign]
+    queues._pop = counted  # type: ignore[method-assign]
     return count
 
 

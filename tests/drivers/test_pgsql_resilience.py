@@ -24,16 +24,19 @@ import pytest
 
 from crossws_channels.drivers.pgsql import PgsqlDriver
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 from tests.drivers.test_pgsql_support import (
     CONNECTORS,
     Cluster,
     admin_query,
     backends,
     cluster_of,
+    drop_tables,
     listening_backend,
     unique,
 )
 from tests.servers import PostgresServer, free_port
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.pgsql
 
@@ -132,18 +135,30 @@ async def test_terminating_every_connection_of_a_driver(cluster: Cluster, pg_dsn
     assert len(got_a.lost) == 1
 
 
-async def test_lost_and_restored_are_logged_once(
-    cluster: Cluster, pg_dsn: str, caplog: pytest.LogCaptureFixture
+async def test_the_layer_logs_an_outage_once_and_its_end_once(
+    make_layer: Any, pg_dsn: str, connector: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One warning when the connection is lost and one info line when it is back."""
-    caplog.set_level(logging.INFO, logger="crossws_channels.drivers.pgsql")
-    _, got = await cluster.member("a", ping_interval=60)
-    pid = await listening_backend(pg_dsn, cluster.application_name)
-    await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
-    await got.wait_for(lambda c: c.made == 1, timeout=5)
-    records = [r for r in caplog.records if r.name == "crossws_channels.drivers.pgsql"]
-    assert [r.levelname for r in records] == ["WARNING", "INFO"]
-    assert "lost" in records[0].getMessage() and "again" in records[1].getMessage()
+    """A terminated listening backend is one warning in the layer's log and one line when
+    it is back, and the layer counts one reconnection."""
+    caplog.set_level(logging.INFO, logger="crossws_channels")
+    name = unique("crossws-logged")
+    channel = unique("logged")
+    layer = make_layer(
+        driver="pgsql", channel=channel, dsn=pg_dsn, connector=connector, application_name=name
+    )
+    try:
+        await layer.new_channel()  # subscribes
+        await eventually_async(lambda: layer.stats().get("subscribed") == 1, what="subscribed")
+        pid = await listening_backend(pg_dsn, name)
+        await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
+        await eventually_async(lambda: layer.stats().get("reconnects") == 1, what="reconnected")
+        logged = [r for r in caplog.records if r.name == "crossws_channels"]
+        assert [r.levelname for r in logged] == ["WARNING", "INFO"]
+        assert "subscribe failed" in logged[0].getMessage()
+        assert "subscription restored" in logged[1].getMessage()
+    finally:
+        await layer.close()
+        drop_tables(pg_dsn, channel)
 
 
 @pytest.mark.slow
@@ -188,10 +203,10 @@ async def test_unreachable_at_start_then_available(postgres_server: PostgresServ
     driver = PgsqlDriver("a", {"channel": unique(), "dsn": postgres_server.dsn})
     try:
         with pytest.raises(psycopg.OperationalError):
-            await driver.subscribe(Collector())
+            await listen(driver, Collector())
         await asyncio.to_thread(postgres_server.start)
         got = Collector()
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish("self")
         await got.wait_for(lambda c: c.raw == ["self"])
     finally:
@@ -294,7 +309,7 @@ async def test_a_broken_user_client_is_replaced_not_closed(pg_dsn: str, connecto
             a, _ = await cl.member("a")
             b = cl.driver("b", client=client, ping_interval=60)
             got = Collector()
-            await b.subscribe(got)
+            await listen(b, got)
             pid = await listening_backend(pg_dsn, name)
             await admin_query(pg_dsn, "SELECT pg_terminate_backend(%s)", pid)
             await got.wait_for(lambda c: c.made == 1, timeout=5)
@@ -333,7 +348,7 @@ async def _silenced_mid_ping(dsn: str, proxied_dsn: str, rounds: int) -> None:
     sender = PgsqlDriver("b", {"channel": channel, "dsn": dsn})
     got = Collector()
     try:
-        await listener.subscribe(got)
+        await listen(listener, got)
         async with pinging(sender, every=0.002):
             for i in range(rounds):
                 print("freeze", flush=True)

@@ -11,22 +11,22 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
 
-from crossws_channels.drivers._pgsql_options import Names
-from crossws_channels.drivers._pgsql_sql import PUSH_ARGUMENTS
 from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
+from crossws_channels.drivers.pgsql.options import Names
+from crossws_channels.drivers.pgsql.sql import PUSH_ARGUMENTS
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 
 __all__ = [
     "Cluster",
     "admin_query",
     "backends",
     "drop_tables",
-    "eventually",
     "unique",
 ]
 
@@ -93,15 +93,6 @@ def drop_tables(dsn: str, channel: str) -> None:
         )
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 class Cluster:
     """Makes pgsql drivers on one channel, subscribes them, and closes them after."""
 
@@ -131,7 +122,7 @@ class Cluster:
         """A subscribed driver and the collector it delivers to."""
         driver = self.driver(instance_id, **options)
         collector = Collector()
-        await driver.subscribe(collector)
+        await listen(driver, collector)
         return driver, collector
 
     async def close(self) -> None:

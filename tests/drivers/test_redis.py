@@ -24,8 +24,8 @@ from crossws_channels.drivers import (
     SupportsFlush,
     SupportsWorkerQueue,
 )
-from crossws_channels.drivers._redis_conn import bounded_compat
 from crossws_channels.drivers.redis import RedisDriver, WireNames
+from crossws_channels.drivers.redis.connection import bounded_compat
 from crossws_channels.envelope import SyncMessage, decode_envelope, encode_envelope
 from crossws_channels.errors import ConfigurationError
 from tests.drivers._redis_support import (
@@ -37,6 +37,7 @@ from tests.drivers._redis_support import (
     unique,
 )
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 from tests.servers import RedisServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.redis
@@ -342,7 +343,7 @@ async def test_relays_the_same_without_hiredis(
 ) -> None:
     """Without hiredis every connection is read reply by reply through the client
     library, with the same results."""
-    monkeypatch.setattr("crossws_channels.drivers._redis_conn._hiredis_reader", lambda _error: None)
+    monkeypatch.setattr("crossws_channels.drivers.redis.resp._hiredis_reader", lambda _error: None)
     channel = unique("c")
     async with (
         subscribed(redis_url, channel) as (a, _),
@@ -397,7 +398,7 @@ async def test_a_raising_deliver_does_not_stop_the_listener(
     driver = RedisDriver(unique("i"), {"channel": channel, "url": redis_url})
     got = Exploding()
     try:
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish("boom")
         await driver.publish("after")
         await got.wait_for(lambda c: c.raw == [b"boom", b"after"])
@@ -424,7 +425,7 @@ async def test_passed_client_works_and_stays_open(redis_url: str, kwargs: dict[s
     try:
         async with subscribed(redis_url, channel) as (_other, got_other):
             got = Collector()
-            await driver.subscribe(got)
+            await listen(driver, got)
             await driver.publish("from-passed")
             await got_other.wait_for(lambda c: c.raw == [b"from-passed"])
             await client.publish(channel, b"\xff garbage")
@@ -449,7 +450,7 @@ async def test_factory_client_settings_are_used_and_closed(redis_url: str) -> No
     assert driver.options.owns_client
     got = Collector()
     try:
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish("via-factory")
         await got.wait_for(lambda c: c.raw == [b"via-factory"])
         assert len(client_list(redis_url, named(_FACTORY_CLIENT_NAME))) == 1
@@ -468,7 +469,7 @@ async def test_valkey_client_works(redis_url: str) -> None:
     try:
         async with subscribed(redis_url, channel) as (other, got_other):
             got = Collector()
-            await driver.subscribe(got)
+            await listen(driver, got)
             await driver.publish("from-valkey")
             await other.publish_to(driver.instance_id, "to-valkey")
             await got_other.wait_for(lambda c: c.raw == [b"from-valkey"])
@@ -487,7 +488,7 @@ async def test_valkey_connector_from_url(redis_url: str) -> None:
     assert type(driver._client).__module__.startswith("valkey")
     got = Collector()
     try:
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish("hi")
         await got.wait_for(lambda c: c.raw == [b"hi"])
     finally:
@@ -581,27 +582,28 @@ async def test_close_releases_every_connection_it_opened(redis_url: str) -> None
 async def test_close_is_idempotent_and_final(redis_url: str) -> None:
     """close() may be called twice; the driver refuses work afterwards."""
     driver = RedisDriver(unique("i"), {"channel": unique("c"), "url": redis_url})
-    await driver.subscribe(Collector())
+    await listen(driver, Collector())
     await driver.close()
     await driver.close()
     with pytest.raises(RuntimeError):
         await driver.publish("x")
     with pytest.raises(RuntimeError):
-        await driver.subscribe(Collector())
+        await listen(driver, Collector())
 
 
-async def test_subscribing_twice_is_refused(redis_url: str) -> None:
-    """A driver has one subscription; a second subscribe() is a programming error."""
-    async with subscribed(redis_url, unique("c")) as (driver, _):
-        with pytest.raises(RuntimeError):
-            await driver.subscribe(Collector())
+async def test_a_closed_driver_refuses_to_listen(redis_url: str) -> None:
+    """listen() after close() is a programming error, raised at once."""
+    driver = RedisDriver(unique("closed"), {"channel": unique("c"), "url": redis_url})
+    await driver.close()
+    with pytest.raises(RuntimeError):
+        await driver.listen(Collector(), lambda: None)
 
 
 async def test_close_during_subscribe_leaves_nothing_open(redis_url: str) -> None:
-    """Cancelling a subscribe in progress and closing leaves no connection behind."""
+    """Cancelling a listen() in progress and closing leaves no connection behind."""
     instance = unique("cancel")
     driver = RedisDriver(instance, {"channel": unique("c"), "url": redis_url})
-    task = asyncio.ensure_future(driver.subscribe(Collector()))
+    task = asyncio.ensure_future(listen(driver, Collector()))
     await asyncio.sleep(0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -615,7 +617,7 @@ async def test_unreachable_redis_fails_subscribe_and_publish() -> None:
     driver = RedisDriver(unique("i"), {"channel": unique("c"), "url": url})
     try:
         with pytest.raises(Exception, match=r"(?i)connect"):
-            await driver.subscribe(Collector())
+            await listen(driver, Collector())
         with pytest.raises(Exception, match=r"(?i)connect"):
             await driver.publish("x")
         with pytest.raises(Exception, match=r"(?i)connect"):

@@ -11,6 +11,7 @@ import pytest
 from crossws_channels.drivers.redis import RedisDriver
 from tests.drivers._redis_support import client_list, named, unique
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -28,7 +29,7 @@ def test_create_publish_close_on_fresh_loops_leaks_nothing(redis_url: str) -> No
     async def cycle(i: int) -> None:
         driver = RedisDriver(f"{token}-{i}", {"channel": channel, "url": redis_url})
         got = Collector()
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish(f"m{i}")
         if i % 10 == 0:
             await driver.queue_pop("jobs", 0)
@@ -72,7 +73,7 @@ def test_a_client_object_serves_drivers_on_successive_loops(redis_url: str) -> N
     async def cycle(i: int) -> None:
         driver = RedisDriver(unique("i"), {"channel": channel, "client": client})
         got = Collector()
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish(f"m{i}")
         assert await driver.queue_push("jobs", f"j{i}", 10, time.time() + 10)
         assert await driver.queue_pop("jobs", 1) == f"j{i}"

@@ -10,16 +10,9 @@ import pytest
 from crossws_channels.errors import DeafSubscription, MessagesLost
 from tests.conftest import ErrorLog
 from tests.drivers._redis_support import kill_subscriber
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.redis
-
-
-async def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def test_an_unsubscribed_connection_is_detected_and_renewed(
@@ -34,13 +27,15 @@ async def test_an_unsubscribed_connection_is_detected_and_renewed(
     await a.group_send("room", {"type": "before"})
     assert await asyncio.wait_for(b.receive(theirs), 2) == {"type": "before"}
 
-    driver = b._backplane._driver
-    connection = driver._subscriber
-    await connection.send_command("UNSUBSCRIBE")  # still connected, no longer listening
+    # No server command unsubscribes another client: reach the driver's own connection
+    # (the failure a proxy that lost the subscription causes).
+    subscription = b._backplane._driver._subscription
+    await subscription._connection.send_command("UNSUBSCRIBE")  # connected, not listening
     await a.group_send("room", {"type": "unheard"})
-    await wait_for(lambda: b.stats().get("reconnects"))
+    await eventually_async(lambda: b.stats().get("reconnects"))
     assert len(errors.of(DeafSubscription, "subscribe")) == 1
-    assert b._backplane._driver is not driver  # renewed with a new driver
+    assert b.stats()["deaf"] == 1
+    assert b._backplane._driver._subscription is not subscription  # subscribed anew
     await a.group_send("room", {"type": "after"})
     assert await asyncio.wait_for(b.receive(theirs), 2) == {"type": "after"}
     assert b.stats()["lost"] >= 1  # "unheard" is seen as a gap in a's numbering
@@ -72,11 +67,11 @@ async def test_messages_lost_in_an_outage_are_counted_exactly(
         await a.group_send("room", {"type": "n", "n": sent})
         sent += 1
         await asyncio.sleep(0.005)
-    await wait_for(lambda: b.stats().get("reconnects"))
+    await eventually_async(lambda: b.stats().get("reconnects"))
     await asyncio.sleep(0.1)
     await a.group_send("room", {"type": "n", "n": sent})  # a last one reveals any tail gap
     sent += 1
-    await wait_for(lambda: received and received[-1] == sent - 1)
+    await eventually_async(lambda: received and received[-1] == sent - 1)
     consumer.cancel()
     missing = sent - len(received)
     assert missing > 0

@@ -6,14 +6,13 @@ them over stdin/stdout; assertions run here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from crossws_channels.drivers.redis import WireNames
-from tests.agent import Agent, AgentError
+from tests.agent import Agent
 from tests.drivers._redis_support import client_list, named, unique
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -35,104 +34,6 @@ def agents(redis_url: str) -> Iterator[Any]:
     finally:
         for agent in started:
             agent.stop()
-
-
-def test_group_send_reaches_members_in_other_processes_once(agents: Any) -> None:
-    """group_send in one process reaches every member in the other processes of the
-    channel exactly once; a process of another channel on the same Redis sees nothing."""
-    channel = unique("c")
-    sender, b, c = agents(3, channel=channel)
-    (stranger,) = agents(1, channel=unique("other"))
-    members = [(b, b.call("new_channel")), (b, b.call("new_channel")), (c, c.call("new_channel"))]
-    stranger_channel = stranger.call("new_channel")
-    for agent, name in members:
-        agent.call("group_add", "room", name)
-    stranger.call("group_add", "room", stranger_channel)
-    sender.call("group_send", "room", {"type": "chat.message", "text": "hi"})
-    for agent, name in members:
-        assert agent.call("receive", name, 5) == {"type": "chat.message", "text": "hi"}
-    for agent, name in members:
-        assert agent.call("receive", name, 0.5) is None  # once, never twice
-    assert stranger.call("receive", stranger_channel, 0.5) is None
-
-
-def test_send_to_another_process_channel_reaches_only_that_process(agents: Any) -> None:
-    """send() to a channel another process created is routed to that process alone."""
-    sender, owner, bystander = agents(3, channel=unique("c"))
-    target = owner.call("new_channel")
-    before = bystander.call("stats").get("relayed_in", 0)
-    for i in range(20):
-        sender.call("send", target, {"type": "direct", "n": i})
-    received = owner.call("drain", target, 1.0)
-    assert received == [{"type": "direct", "n": i} for i in range(20)]
-    assert bystander.call("stats").get("relayed_in", 0) == before
-
-
-def test_group_add_of_another_process_channel_takes_effect_there(agents: Any) -> None:
-    """group_add(group, channel) called in one process adds a channel owned by another;
-    a group_send from a third process then reaches it, and group_discard removes it."""
-    adder, owner, sender = agents(3, channel=unique("c"))
-    member = owner.call("new_channel")
-    adder.call("group_add", "remote-room", member)
-    time.sleep(0.3)  # the membership travels to the owner over the backplane
-    sender.call("group_send", "remote-room", {"type": "hello"})
-    assert owner.call("receive", member, 5) == {"type": "hello"}
-    adder.call("group_discard", "remote-room", member)
-    time.sleep(0.3)
-    sender.call("group_send", "remote-room", {"type": "after-discard"})
-    assert owner.call("receive", member, 1) is None
-
-
-def test_worker_channel_delivers_each_message_once_across_processes(agents: Any) -> None:
-    """Messages sent to a worker channel are each received by exactly one of two
-    receiver processes, none lost and none twice."""
-    sender, first, second = agents(3, channel=unique("c"), capacity=1000)
-    jobs = unique("jobs")
-    drains = [(agent, agent.submit("drain", jobs, 2.0)) for agent in (first, second)]
-    time.sleep(0.3)
-    for i in range(300):
-        sender.call("send", jobs, {"type": "job", "n": i})
-    got = [message["n"] for agent, command in drains for message in agent.result(command, 30)]
-    assert sorted(got) == list(range(300))
-    counts = [len(agent.call("drain", jobs, 0.3)) for agent in (first, second)]
-    assert counts == [0, 0]
-
-
-def test_worker_channel_waits_up_to_expiry_and_obeys_capacity(agents: Any) -> None:
-    """A worker message waits for a receiver up to `expiry`, is gone after it, and a
-    worker channel at `capacity` refuses further sends with ChannelFull."""
-    sender, receiver = agents(2, channel=unique("c"), expiry=2, capacity=3)
-    waiting = unique("jobs")
-    sender.call("send", waiting, {"type": "job", "n": 1})
-    time.sleep(1.0)
-    assert receiver.call("receive", waiting, 3) == {"type": "job", "n": 1}
-
-    stale = unique("jobs")
-    sender.call("send", stale, {"type": "job", "n": 2})
-    time.sleep(2.5)
-    assert receiver.call("receive", stale, 1) is None
-
-    full = unique("jobs")
-    for i in range(3):
-        sender.call("send", full, {"type": "job", "n": i})
-    with pytest.raises(AgentError) as info:
-        sender.call("send", full, {"type": "job", "n": 3})
-    assert info.value.name == "ChannelFull"
-    assert [m["n"] for m in receiver.call("drain", full, 0.5)] == [0, 1, 2]
-
-
-def test_message_over_max_message_size_raises_at_the_call(agents: Any) -> None:
-    """A message over max_message_size raises MessageTooLarge from send and group_send."""
-    sender, receiver = agents(2, channel=unique("c"), max_message_size=2000)
-    target = receiver.call("new_channel")
-    receiver.call("group_add", "big", target)
-    big = {"type": "big", "data": "x" * 5000}
-    for op, destination in (("send", target), ("group_send", "big"), ("send", unique("jobs"))):
-        with pytest.raises(AgentError) as info:
-            sender.call(op, destination, big)
-        assert info.value.name == "MessageTooLarge"
-    sender.call("group_send", "big", {"type": "small"})
-    assert receiver.call("receive", target, 5) == {"type": "small"}
 
 
 def test_flush_leaves_other_clusters_keys_alone(agents: Any, redis_url: str) -> None:

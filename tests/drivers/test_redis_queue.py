@@ -59,7 +59,7 @@ async def test_long_pop_spans_several_blocking_slices(
     driver: RedisDriver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A timeout longer than one BLPOP slice keeps waiting and still gets the item."""
-    monkeypatch.setattr("crossws_channels.drivers._redis_queue.POP_SLICE", 0.2)
+    monkeypatch.setattr("crossws_channels.drivers.redis.queues.POP_SLICE", 0.2)
     waiting = asyncio.ensure_future(driver.queue_pop("jobs", 3))
     await asyncio.sleep(0.7)
     assert not waiting.done()

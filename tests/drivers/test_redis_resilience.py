@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import pytest
 
 from crossws_channels.drivers.redis import RedisDriver
 from tests.drivers._redis_support import kill_subscriber, paused, raw_client, subscribed, unique
 from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
 from tests.servers import RedisServer
+from tests.waiting import eventually_async
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -35,12 +38,9 @@ async def _until_relayed(url: str, channel: str, got: Collector, timeout: float 
                 raise AssertionError(f"nothing relayed within {timeout} s")
 
 
-async def test_client_kill_of_the_subscribe_connection(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_client_kill_of_the_subscribe_connection(redis_server: RedisServer) -> None:
     """After CLIENT KILL of its subscribe connection the driver reports the loss once,
     resubscribes, reports it is back once, and relays again."""
-    caplog.set_level(logging.INFO, logger="crossws_channels.drivers.redis")
     channel = unique("c")
     instance = unique("killed")
     async with subscribed(redis_server.url, channel, instance) as (_driver, got):
@@ -50,10 +50,23 @@ async def test_client_kill_of_the_subscribe_connection(
         assert len(got.lost) == 1
         assert got.made == 1
         logger.info("relaying resumed %.3f s after CLIENT KILL", took)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "lost" in r.message]
-    infos = [r for r in caplog.records if r.levelno == logging.INFO and "restored" in r.message]
-    assert len(warnings) == 1
-    assert len(infos) == 1
+
+
+async def test_the_layer_logs_an_outage_once_and_its_end_once(
+    make_layer: Any, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed subscription is one warning in the layer's log and one line when it is
+    back, and the layer counts one reconnection."""
+    caplog.set_level(logging.INFO, logger="crossws_channels")
+    layer = make_layer(driver="redis", url=redis_server.url)
+    await layer.new_channel()  # subscribes
+    await eventually_async(lambda: layer.stats().get("subscribed") == 1, what="subscribed")
+    assert kill_subscriber(redis_server.url, layer.instance_id) == 1
+    await eventually_async(lambda: layer.stats().get("reconnects") == 1, what="reconnected")
+    logged = [r for r in caplog.records if r.name == "crossws_channels"]
+    assert [r.levelname for r in logged] == ["WARNING", "INFO"]
+    assert "subscribe failed" in logged[0].getMessage()
+    assert "subscription restored" in logged[1].getMessage()
 
 
 async def test_restart_reports_once_and_resumes_within_two_seconds(
@@ -199,9 +212,9 @@ async def test_redis_down_at_start_then_up(redis_server: RedisServer) -> None:
     got = Collector()
     try:
         with pytest.raises(Exception, match=r"(?i)connect"):
-            await driver.subscribe(got)
+            await listen(driver, got)
         await asyncio.to_thread(redis_server.start)
-        await driver.subscribe(got)
+        await listen(driver, got)
         await driver.publish("up")
         await got.wait_for(lambda c: c.raw == [b"up"])
         assert got.lost == []

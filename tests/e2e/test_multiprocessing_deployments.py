@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import crossws_channels.drivers
-from crossws_channels.drivers import _mp_paths as paths
+from crossws_channels.drivers.multiprocessing import paths
 from tests.e2e.harness import (
     HOST,
     ROOT,

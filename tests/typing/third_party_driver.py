@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.client import PubSub
 
-from crossws_channels.drivers import Deliver, DriverFactory
+from crossws_channels.drivers import Deliver, DriverFactory, Ready
 from crossws_channels.errors import ConfigurationError
 
 
@@ -28,7 +26,6 @@ class TinyRedisDriver:
         self._url = url
         self._topic = f"tiny-driver:{options['channel']}"
         self._client: redis.Redis | None = None
-        self._listener: asyncio.Task[None] | None = None
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
@@ -39,14 +36,14 @@ class TinyRedisDriver:
         # Raising is fine: the layer reports the failure with stage "publish".
         await self._redis().publish(self._topic, envelope)
 
-    async def subscribe(self, deliver: Deliver, /) -> None:
+    async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
+        # aclosing() unsubscribes and releases the connection however listen() ends.
         pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
-        # If Redis is down this raises, and the layer calls subscribe again later.
-        await pubsub.subscribe(self._topic)
-        self._listener = asyncio.get_running_loop().create_task(self._listen(pubsub, deliver))
-
-    async def _listen(self, pubsub: PubSub, deliver: Deliver) -> None:
-        try:
+        async with contextlib.aclosing(pubsub):
+            # If Redis is down this raises: the layer reports it and calls listen again
+            # later, with backoff. The same when the connection drops below.
+            await pubsub.subscribe(self._topic)
+            ready()
             async for message in pubsub.listen():
                 # Raw bytes as they came: the layer decodes, validates and drops our echo.
                 wait = deliver(message["data"])
@@ -54,14 +51,9 @@ class TinyRedisDriver:
                     # A full channel whose consumer reads: read on once it has caught up.
                     # Meanwhile Redis holds what is sent to us.
                     await wait
-        finally:
-            await pubsub.reset()  # unsubscribe and release the connection
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        # The layer has stopped listen() by now: only the client is left.
         if self._client is not None:
             await self._client.aclose()
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._pgsql_options import Names
+from .options import Names
 
 __all__ = ["LARGE_PREFIX", "Statements"]
 

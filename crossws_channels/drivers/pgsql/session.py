@@ -32,7 +32,7 @@ from psycopg import AsyncCursor, AsyncRawCursor, conninfo, pq, sql
 
 from crossws_channels.errors import ConfigurationError
 
-from ._pgsql_options import DEFAULT_APPLICATION_NAME, PgsqlOptions, classify_client
+from .options import DEFAULT_APPLICATION_NAME, PgsqlOptions, classify_client
 
 __all__ = ["AsyncpgSession", "Opener", "PsycopgSession", "Session", "Sink", "sqlstate"]
 

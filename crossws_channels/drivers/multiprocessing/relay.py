@@ -32,8 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from . import _mp_paths as paths
-from . import _mp_wire as wire
+from . import paths, wire
 
 __all__ = ["Relay", "RelayAlreadyRunning", "acquire_lock", "serve"]
 
@@ -421,7 +420,7 @@ async def serve(
     """Run a relay until ``stop`` is set, SIGTERM/SIGINT arrive or ``parent_pid`` dies.
 
     Raises :class:`RelayAlreadyRunning` if another relay serves ``channel``, and
-    :class:`~crossws_channels.drivers._mp_paths.UnsafeDirectory` if the directory is not
+    :class:`~crossws_channels.drivers.multiprocessing.paths.UnsafeDirectory` if the directory is not
     private. Returns the relay's final state.
     """
     loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from typing import Any
 
 from crossws_channels.errors import ConfigurationError, RelayUnavailable
 
-from ._mp_options import MultiprocessingOptions
+from .options import MultiprocessingOptions
 
 __all__ = ["setup_primary"]
 

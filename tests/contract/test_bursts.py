@@ -1,4 +1,5 @@
-"""Bursts across real OS processes, with default settings, on every network driver.
+"""Bursts with default settings, on every driver (across real processes on the network
+drivers, across threads on ``local``).
 
 A sender that does not pace itself (a loop of awaited ``group_send``/``send``, as a
 management command or a Celery task writes it) must not lose messages to a consumer in
@@ -14,23 +15,22 @@ from typing import Any
 
 import pytest
 
-from tests.agent import Agent
+from tests.agent import RECORD
 from tests.cluster import Cluster
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
-RECORD = "tests.agent.record_error"
 CAPACITY = 100  # the default
 
 
-def reading(agent: Agent, receivers: int = 1) -> None:
+def reading(agent: Any, receivers: int = 1) -> None:
     """Wait until ``receivers`` receives wait in ``agent``: its consumers are reading."""
     eventually(lambda: agent.call("stats")["receivers"] >= receivers, what="receivers")
 
 
 def burst_to_reading_member(
-    sender: Agent, receiver: Agent, count: int, *, then_stop: bool = False
+    sender: Any, receiver: Any, count: int, *, then_stop: bool = False
 ) -> tuple[str, list[int]]:
     """``count`` unpaced group_sends from ``sender`` (then stopped, with ``then_stop``) to
     a member of ``receiver`` that reads all along; the member, and what it received."""

@@ -22,8 +22,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from ._redis_config import WireNames
-from ._redis_conn import CommandConnection, ConnectionFactory, pack
+from .connection import CommandConnection, ConnectionFactory
+from .options import WireNames
+from .resp import pack
 
 __all__ = ["POP_SLICE", "WorkerQueues"]
 

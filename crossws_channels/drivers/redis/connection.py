@@ -4,9 +4,8 @@ redis-py and valkey-py share one API but ship partial types. The Protocols below
 exactly what the driver uses, so the rest of the driver is checked against them and
 works with either library. Below the client only ``Connection.connect/send_command/
 send_packed_command/read_response/disconnect`` are used, the part of the API that has
-stayed put across redis-py 5 to 8 and valkey-py 6; and, to parse many replies per
-socket read, a connection's ``_reader`` stream and its parser's ``parse_error``, which
-:class:`ReplyReader` does without (more slowly) where they are missing.
+stayed put across redis-py 5 to 8 and valkey-py 6. What goes further (reading replies
+off the connection's stream, packing commands) is in :mod:`.resp`.
 
 The driver's own connections have no socket timeout: redis-py would start a timer (and,
 for writes, a task) for every reply read and every write, which costs more than the
@@ -22,10 +21,11 @@ import asyncio
 import contextlib
 import importlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, cast
 
-from ._redis_config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
+from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
+from .resp import ReplyReader, resp2_settings
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -33,12 +33,9 @@ __all__ = [
     "CommandConnection",
     "Connection",
     "ConnectionFactory",
-    "ReplyReader",
     "bounded",
     "bounded_compat",
-    "bulk",
     "disconnect_quietly",
-    "pack",
     "pool_from_url",
     "safe_client_name",
 ]
@@ -125,10 +122,9 @@ class ConnectionFactory:
         self._connector = connector
         self._class = pool.connection_class
         configured = dict(pool.connection_kwargs)
-        kwargs = dict(configured)
+        kwargs = resp2_settings(configured)
         kwargs.update(
             decode_responses=False,
-            protocol=2,
             health_check_interval=0,
             retry=None,
             retry_on_error=[],
@@ -137,10 +133,6 @@ class ConnectionFactory:
         connect_timeout = kwargs.get("socket_connect_timeout")
         self.connect_timeout = float(connect_timeout or DEFAULT_CONNECT_TIMEOUT)
         kwargs["socket_connect_timeout"] = self.connect_timeout
-        # RESP3-only extras of redis-py 8 don't apply to a RESP2 connection.
-        if "maint_notifications_config" in kwargs:
-            kwargs["maint_notifications_config"] = None
-        kwargs.pop("maint_notifications_pool_handler", None)
         timeout = configured.get("socket_timeout")
         self.socket_timeout: float = float(timeout) if timeout else DEFAULT_SOCKET_TIMEOUT
         """How long one exchange with Redis may take (and a PING its reply)."""
@@ -149,11 +141,6 @@ class ConnectionFactory:
         self.health_check_interval: float | None = float(interval) if interval else None
         self.client_name: str | None = configured.get("client_name")
         self._kwargs = kwargs
-        # redis-py 8 renamed the check for a connection closed while idle; it does the
-        # same (nothing is read when nothing is expected).
-        self._idle_check = (
-            "can_read" if hasattr(self._class, "can_read") else "can_read_destructive"
-        )
         exceptions = importlib.import_module(f"{connector}.exceptions")
         self.reply_error: type[Exception] = exceptions.ResponseError
         self.no_script_error: type[Exception] = exceptions.NoScriptError
@@ -172,14 +159,6 @@ class ConnectionFactory:
     def command_name(self, fallback: str) -> str:
         """The name of the command connections: the configured one, else ``fallback``."""
         return self.client_name or fallback
-
-    async def closed_while_idle(self, connection: Connection) -> bool:
-        """Whether ``connection``, with no reply pending, has been closed by the server
-        (a restart, ``CLIENT KILL``) or has unexpected data waiting."""
-        try:
-            return bool(await getattr(connection, self._idle_check)())
-        except Exception:
-            return True
 
     def client(self, client_name: str) -> Client:
         """A client for occasional commands (``flush``), over a pool of the driver's own.
@@ -260,7 +239,7 @@ class CommandConnection:
         except BaseException:
             await disconnect_quietly(connection, nowait=True)
             raise
-        self._reader = reader = ReplyReader(connection, self._connections)
+        self._reader = reader = ReplyReader(connection, self._connections.reply_error)
         return connection, reader
 
     async def close(self) -> None:
@@ -269,85 +248,6 @@ class CommandConnection:
         connection, self._connection = self._connection, None
         if connection is not None:
             await disconnect_quietly(connection)
-
-
-class ReplyReader:
-    """Reads a connection's replies in batches: every complete reply one socket read
-    brought, with a single ``await``.
-
-    redis-py's ``read_response`` goes through three coroutines and a few checks for each
-    reply, which is a fair part of relaying a small message. With hiredis (which the
-    ``redis`` extra installs), this parses the connection's stream itself instead; the
-    client library's parser is then bypassed, so a connection read by a ``ReplyReader``
-    must be read only by it, and a new one is needed after every (re)connect. Without
-    hiredis, or with a client library whose connection does not read from an
-    ``asyncio.StreamReader``, it falls back to one ``read_response`` per call.
-
-    Error replies come back as exception objects (the class the client library would
-    raise), not raised: the replies after them are still read.
-    """
-
-    def __init__(self, connection: Connection, connections: ConnectionFactory) -> None:
-        self._connection = connection
-        self._connections = connections
-        reply_error = self._reply_error = connections.reply_error
-        stream = getattr(connection, "_reader", None)
-        self._stream = stream if isinstance(stream, asyncio.StreamReader) else None
-        # The client library's own mapping of error replies (NOSCRIPT -> NoScriptError...).
-        parse_error = getattr(getattr(connection, "_parser", None), "parse_error", None)
-        self._parser = _hiredis_reader(parse_error if callable(parse_error) else reply_error)
-
-    async def closed_while_idle(self) -> bool:
-        """Whether the server closed the connection (a restart, ``CLIENT KILL``) since
-        its last reply was read."""
-        stream = self._stream
-        if stream is None:
-            return await self._connections.closed_while_idle(self._connection)
-        return stream.at_eof() or stream.exception() is not None
-
-    async def read(self) -> list[Any]:
-        """The next replies (at least one), in order. Raises ``ConnectionError`` when
-        the server closed the connection."""
-        parser, stream = self._parser, self._stream
-        if parser is None or stream is None:
-            try:
-                return [await self._connection.read_response()]
-            except self._reply_error as exc:
-                return [exc]
-        replies: list[Any] = []
-        while True:
-            reply = parser.gets()
-            while reply is not False:
-                replies.append(reply)
-                reply = parser.gets()
-            if replies:
-                return replies
-            chunk = await stream.read(_READ_SIZE)
-            if not chunk:
-                raise ConnectionError("Redis closed the connection")
-            parser.feed(chunk)
-
-
-# How much a ReplyReader asks of its stream at once.
-_READ_SIZE = 65536
-
-
-def _hiredis_reader(reply_error: Callable[[str], Exception]) -> Any:
-    try:
-        import hiredis
-    except ImportError:  # the redis extra installs it; valkey-py does without
-        return None
-    return hiredis.Reader(replyError=reply_error)
-
-
-def pack(*args: bytes) -> bytes:
-    """One command in the Redis protocol (RESP), from its words."""
-    return b"*%d\r\n" % len(args) + b"".join(bulk(arg) for arg in args)
-
-
-def bulk(data: bytes) -> bytes:
-    """``data`` as a RESP bulk string: one word of a command."""
-    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,8 @@
-"""The Channels channel layer specification, checked against BackplaneChannelLayer."""
+"""The Channels channel layer specification, on every driver.
+
+``make_layer`` (``tests/contract/conftest.py``) builds layers of one cluster on each
+driver in turn: ``local``, and the network drivers over their real servers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from channels.exceptions import ChannelFull
 
 from crossws_channels.errors import MessageExpired, MessagesDropped, MessageTooLarge
 from tests.conftest import ErrorLog
+from tests.waiting import eventually_async
 
 
 async def receive(layer: Any, channel: str, timeout: float = 2.0) -> dict[str, Any]:
@@ -102,8 +107,16 @@ async def test_groups(make_layer: Any) -> None:
 
 
 async def test_group_send_to_an_empty_group_is_fine(make_layer: Any) -> None:
-    """A group nobody joined accepts messages and delivers nothing."""
-    await make_layer().group_send("nobody-here", {"type": "x"})
+    """A group nobody joined accepts messages, delivers and drops nothing."""
+    layer = make_layer()
+    channel = await layer.new_channel()
+    await layer.group_send("nobody-here", {"type": "x"})
+    # Relayed all the same: members may live elsewhere.
+    await eventually_async(lambda: layer.stats().get("published") == 1, what="the relay")
+    stats = layer.stats()
+    assert stats.get("delivered", 0) == 0
+    assert not [name for name in stats if name.startswith("dropped.")]
+    await nothing_on(layer, channel)
 
 
 async def test_members_get_independent_copies(make_layer: Any) -> None:
@@ -212,7 +225,9 @@ async def test_an_expired_message_removes_its_channel_from_groups(make_layer: An
     await layer.group_send("g", {"type": "x"})
     assert await asyncio.wait_for(receiving, 1) == {"type": "x"}
     await asyncio.sleep(0.5)  # the sweep runs every expiry/4
-    assert layer._registry.members("g") == [alive]
+    assert layer.stats()["memberships"] == 1
+    await layer.group_send("g", {"type": "y"})
+    assert await receive(layer, alive) == {"type": "y"}
 
 
 async def test_group_expiry(make_layer: Any) -> None:

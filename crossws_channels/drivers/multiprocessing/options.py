@@ -12,7 +12,7 @@ from typing import Any
 
 from crossws_channels.errors import ConfigurationError
 
-from . import _mp_paths as paths
+from . import paths
 
 __all__ = ["MultiprocessingOptions"]
 

@@ -1,0 +1,100 @@
+"""Putting messages into this instance's channels: a group's members, or one channel.
+
+Both ``group_send`` (for the members here, before anything is relayed) and relayed
+messages come through :class:`Delivery`. A group message is decoded once when several
+members get it, each receiving its own copy; a worker channel in a group is fed through
+the shared queue; full members are counted and reported, aggregated.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+
+from . import serialize
+from ._flow import InboundFlow
+from ._registry import Credit, Item, Payload, Registry
+from ._reporting import Reporter, Stats
+from ._workers import WorkerChannels
+from .errors import MessagesDropped
+
+__all__ = ["Delivery"]
+
+
+def _dropped(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MessagesDropped(count, list(names))
+
+
+def _dropped_in_group(group: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MessagesDropped(count, list(names), group)
+
+
+class Delivery:
+    """Delivers into the registry (see the module docstring)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        workers: WorkerChannels,
+        stats: Stats,
+        reporter: Reporter,
+        *,
+        expiry: float,
+        group_expiry: float,
+    ) -> None:
+        self._registry = registry
+        self._workers = workers
+        self._stats = stats
+        self._reporter = reporter
+        self._expiry = expiry
+        self._group_expiry = group_expiry
+
+    def to_group(self, group: str, payload: Payload, flow: InboundFlow | None = None) -> None:
+        """Deliver to the members of ``group`` here; with ``flow``, a relayed message that
+        may hold up the backplane for full members that read (see ``_flow``)."""
+        registry = self._registry
+        now = monotonic()
+        item: Item = payload
+        if registry.member_count(group) > 1:
+            # Decode once for every local member; each receives its own copy of that.
+            try:
+                item = serialize.Template(serialize.loads(payload))
+            except Exception as exc:
+                self._reporter.drop_malformed(f"a message for group {group!r}: {exc}")
+                return
+        result = registry.group_put(
+            group, item, now + self._expiry, now - self._group_expiry, flow, now
+        )
+        if result.delivered:
+            self._stats.incr("delivered", result.delivered)
+        if result.full:
+            self._stats.incr("dropped.full", len(result.full))
+            self._reporter.tally(
+                "group full", group, "delivery", _dropped_in_group, len(result.full), result.full
+            )
+        for channel in result.shared:
+            self._workers.push_soon(channel, payload, self.dropped)
+
+    def to_channel(
+        self, sender: str, channel: str, payload: Payload, number: int | None, ask: bool
+    ) -> Credit | None:
+        """Deliver a message another instance sent to ``channel``, numbered when its
+        sender keeps a window onto it (see ``_credits``); the credit to send at once,
+        if any."""
+        deadline = monotonic() + self._expiry
+        credit = None
+        if number is None:
+            taken = self._registry.put(channel, payload, deadline)
+        else:
+            taken, credit = self._registry.put_direct(
+                channel, payload, deadline, sender, number, ask
+            )
+        if taken:
+            self._stats.incr("delivered")
+        else:
+            self.dropped(channel)
+        return credit
+
+    def dropped(self, channel: str) -> None:
+        """One message for ``channel`` dropped because it is full: counted, reported."""
+        self._stats.incr("dropped.full")
+        self._reporter.tally("full", channel, "delivery", _dropped, 1, [channel])

@@ -1,0 +1,308 @@
+"""What arrives from the backplane, and the subscription's ups and downs.
+
+:class:`Inbound` is the :class:`~crossws_channels.drivers.base.Deliver` the driver
+calls, on the home loop, with every message exactly as it came off the wire. It drops
+this instance's own echo without decoding it, decodes the rest (dropping and reporting
+what is malformed), counts gaps in each sender's numbering, and routes:
+
+* ``!``-topics are control messages between layer instances: memberships added or
+  discarded for a channel of ours, heartbeats, pings and their answers, credit for our
+  sends and requests for it (``_credits``);
+* a channel name is a ``send`` to a channel of ours (or, through a driver that can't send
+  to one instance, of another instance: ignored);
+* anything else is a group message, fanned out to our members (and possibly holding the
+  backplane back: ``_flow``).
+
+It also keeps the subscription's outage: one report when it breaks, the counters, and,
+with ``resync_type``, a message to every channel here once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.layers import BaseChannelLayer
+
+from . import serialize
+from ._credits import CREDIT, PROBE, Grants, SendWindows
+from ._delivery import Delivery
+from ._flow import InboundFlow
+from ._frames import Frames
+from ._health import Outage
+from ._monitor import HEARTBEAT, PING, PONG, Census, Heartbeat, Pinger, SequenceGaps, identity
+from ._outbox import Outbox
+from ._registry import Registry
+from ._reporting import Reporter, Stats
+from .envelope import decode_envelope
+from .errors import MessagesLost, Stage
+
+logger = logging.getLogger("crossws_channels")
+
+__all__ = ["GROUP_ADD", "GROUP_DISCARD", "Inbound"]
+
+# Topics of control messages start with "!", which no group or channel name can.
+GROUP_ADD = "!add"
+GROUP_DISCARD = "!discard"
+INSTANCE_ID_LENGTH = 12
+
+# Channels' name rules, for names that arrive from the backplane.
+_names = BaseChannelLayer()
+
+
+def owner(channel: str) -> str | None:
+    """The instance that owns a process-specific channel; None for worker channels."""
+    bang = channel.find("!")
+    if bang < 0:
+        return None
+    return channel[max(0, bang - INSTANCE_ID_LENGTH) : bang]
+
+
+def _lost(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    top = max(names, key=names.__getitem__) if names else "?"
+    return MessagesLost(top, count, names)
+
+
+class Inbound:
+    """This instance's side of the subscription (see the module docstring)."""
+
+    def __init__(
+        self,
+        frames: Frames,
+        registry: Registry,
+        delivery: Delivery,
+        flow: InboundFlow,
+        windows: SendWindows,
+        grants: Grants,
+        outbox: Outbox,
+        census: Census,
+        subscription: Outage,
+        stats: Stats,
+        reporter: Reporter,
+        *,
+        heartbeat: Heartbeat | None,
+        resync_type: str | None,
+        expiry: float,
+        driver_name: str,
+    ) -> None:
+        self._frames = frames
+        self._instance_id = frames.instance_id
+        self._registry = registry
+        self._delivery = delivery
+        self._flow = flow
+        self._windows = windows
+        self._grants = grants
+        self._outbox = outbox
+        self._census = census
+        self._subscription = subscription
+        self._stats = stats
+        self._reporter = reporter
+        self._heartbeat = heartbeat
+        self._resync_type = resync_type
+        self._expiry = expiry
+        self._driver_name = driver_name
+        self.pinger = Pinger()
+        self._gaps: SequenceGaps = census.gaps
+        self._up = False
+        # Our own envelopes start with this (a pub/sub backplane echoes them back to us):
+        # dropped by prefix without being decoded, unless they are control messages we
+        # sent ourselves (scenario A of the benchmark: decoding every echo cost the
+        # sender a quarter of its time).
+        prefix = frames.frame("!", "")
+        self._echo_text = prefix[: prefix.index('"msg"')]
+        self._echo_bytes = self._echo_text.encode()
+        self._control_text = ',"topic":"!'
+        self._control_bytes = self._control_text.encode()
+        # How far into an envelope of ours the control marker can be: right after our
+        # id and namespace, which are fixed.
+        self._echo_scan = prefix.index(self._control_text) + len(self._control_text)
+
+    # The Deliver protocol
+
+    def __call__(self, raw: str | bytes, /) -> asyncio.Future[None] | None:
+        try:
+            return self._on_raw(raw)
+        except Exception as exc:
+            self._reporter.report(exc, "delivery")
+            return None
+
+    def report(self, error: Exception, stage: Stage, /) -> None:
+        self._reporter.report(error, stage)
+
+    def connection_lost(self, error: Exception, /) -> None:
+        """The subscription broke, or an attempt to set it up failed."""
+        if self._up:
+            self._up = False
+            self._stats.incr("disconnects")
+        if self._subscription.begin():
+            self._reporter.report(error, "subscribe")
+        else:
+            self._reporter.count(error, "subscribe")
+
+    def connection_made(self) -> None:
+        """The subscription is in place: for the first time, or again."""
+        self._up = True
+        self._stats.incr("subscribed")
+        if self._subscription.end() is None:
+            return
+        self._stats.incr("reconnects")
+        if self._resync_type is not None:
+            payload = serialize.dumps({"type": self._resync_type})
+            for channel in self._registry.owned_channels(self._instance_id):
+                self._delivery.to_channel("", channel, payload, None, False)
+
+    # Routing
+
+    def _own_echo(self, raw: str | bytes) -> bool:
+        """Our own envelope, not a control message: nothing to do, not even decode it."""
+        if isinstance(raw, str):
+            return raw.startswith(self._echo_text) and (
+                self._control_text not in raw[: self._echo_scan]
+            )
+        return raw.startswith(self._echo_bytes) and (
+            self._control_bytes not in raw[: self._echo_scan]
+        )
+
+    def _on_raw(self, raw: str | bytes) -> asyncio.Future[None] | None:
+        """One message from the driver; a future when the driver must pause (``_flow``)."""
+        if self._own_echo(raw):
+            return None
+        envelope = decode_envelope(raw)
+        if envelope is None:
+            self._reporter.drop_malformed(
+                f"{len(raw)} bytes of backplane traffic that are not an envelope"
+            )
+            return None
+        msg = envelope.msg
+        topic = msg.topic
+        sender = envelope.id
+        if sender == self._instance_id:
+            # Our own echo: only the control messages we address to ourselves matter.
+            if topic[:1] == "!":
+                self._on_control(sender, topic, msg.data)
+            return None
+        self._stats.incr("relayed_in")
+        if topic[:1] == "!":
+            if envelope.seq is not None:  # a broadcast: numbered per sender
+                self._count_gap(sender, envelope.seq)
+            self._on_control(sender, topic, msg.data)
+            return None
+        if "!" in topic:
+            self._on_direct(sender, topic, msg.data, envelope.seq, envelope.ask)
+            return None
+        if envelope.seq is not None:
+            self._count_gap(sender, envelope.seq)
+        if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
+            logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
+            return None
+        # A numbered envelope comes from a layer instance, whose data is a serialized
+        # message (the fan-out or the receiver decodes it); crossws peers' data is
+        # checked and wrapped here.
+        if envelope.seq is not None:
+            payload = msg.data
+        else:
+            try:
+                payload = serialize.relayed_payload(msg)
+            except Exception as exc:
+                self._reporter.drop_malformed(f"a relayed message for {topic!r}: {exc}")
+                return None
+        flow = self._flow
+        self._delivery.to_group(topic, payload, flow)
+        return flow.finish()
+
+    def _on_direct(
+        self, sender: str, channel: str, data: str | bytes, number: int | None, ask: bool
+    ) -> None:
+        """A message another instance sent to ``channel``."""
+        if owner(channel) != self._instance_id:
+            return  # a direct send for another instance, relayed to everyone
+        # Only layer instances send to a channel: its data is a serialized message
+        # (checked when it is received).
+        if not isinstance(data, str) and data[:4] != serialize.BINARY_MARKER:
+            self._reporter.drop_malformed(f"a direct message for {channel!r} that is not a message")
+            return
+        credit = self._delivery.to_channel(sender, channel, data, number, ask)
+        if credit is not None:
+            self._grants.send([credit])
+
+    def _count_gap(self, sender: str, seq: int) -> None:
+        missing = self._gaps.observe(sender, seq)
+        if missing:
+            self._stats.incr("lost", missing)
+            self._reporter.tally("lost", None, "delivery", _lost, missing, [sender])
+
+    # Control messages
+
+    def _on_control(self, sender: str, topic: str, data: str | bytes) -> None:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8", "replace")
+        if topic == HEARTBEAT:
+            if sender == self._instance_id and self._heartbeat is not None:
+                self._heartbeat.heard(data)
+        elif topic == PING:
+            self._answer_ping(sender, data)
+        elif topic == PONG:
+            self.pinger.answered(sender, data)
+        elif topic == CREDIT:
+            self._on_credit(data)
+        elif topic == PROBE:
+            self._on_probe(sender, data)
+        elif topic in (GROUP_ADD, GROUP_DISCARD):
+            self._on_membership(topic, data)
+        else:
+            logger.debug("ignoring an unknown control message %r", topic)
+
+    def _on_membership(self, topic: str, data: str) -> None:
+        try:
+            group, channel = json.loads(data)
+            _names.require_valid_group_name(group)
+            _names.require_valid_channel_name(channel)
+        except Exception as exc:
+            self._reporter.drop_malformed(f"a malformed {topic} message: {exc}")
+            return
+        if owner(channel) != self._instance_id:
+            return
+        if topic == GROUP_ADD:
+            self._registry.group_add(group, channel)
+        else:
+            self._registry.group_discard(group, channel)
+
+    def _on_credit(self, data: str) -> None:
+        try:
+            target, channel, seen, room = json.loads(data)
+            if not (isinstance(channel, str) and type(seen) is int and type(room) is int):
+                raise ValueError("not a channel, a number and a room")
+        except (ValueError, TypeError) as exc:
+            self._reporter.drop_malformed(f"a malformed {CREDIT} message: {exc}")
+            return
+        if target == self._instance_id:
+            self._windows.credit(channel, seen, room)
+
+    def _on_probe(self, sender: str, data: str) -> None:
+        try:
+            channel, number = json.loads(data)
+            _names.require_valid_channel_name(channel)
+            if type(number) is not int:
+                raise ValueError("not a number")
+        except (ValueError, TypeError) as exc:
+            self._reporter.drop_malformed(f"a malformed {PROBE} message: {exc}")
+            return
+        if owner(channel) == self._instance_id:
+            credit = self._registry.probe(channel, sender, number)
+            if credit is not None:
+                self._grants.send([credit])
+
+    def _answer_ping(self, sender: str, data: str) -> None:
+        try:
+            request = json.loads(data)
+            token = request["token"]
+            want_stats = bool(request.get("stats"))
+        except (ValueError, KeyError, TypeError):
+            return
+        info: dict[str, Any] = {**identity(), "driver": self._driver_name}
+        if want_stats:
+            info["stats"] = self._census.snapshot()
+        answer = json.dumps({"token": token, "info": info})
+        self._outbox.post(sender, self._frames.frame(PONG, answer))

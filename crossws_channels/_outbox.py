@@ -1,0 +1,215 @@
+"""What this instance relays out: one queue, drained by one task in batches.
+
+``group_send`` costs a local fan-out and an append here; whatever queued during one
+network round trip goes out in the next, as one batch when the driver takes batches.
+Publishing failures are one outage (reported once, each failed message counted). A
+message is never written twice: a batch whose write was cut short is counted as lost,
+never resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import cast
+
+from ._health import Outage
+from ._home import Home
+from ._reporting import Reporter, Stats
+from .drivers.base import Driver, SubscribingDriver, SupportsBatch, SupportsDirect, capabilities
+from .errors import BackplaneOverloaded
+
+logger = logging.getLogger("crossws_channels")
+
+__all__ = ["DRAIN_TIMEOUT", "HIGH_WATER", "Outbox"]
+
+MAX_BATCH = 512
+# Above this many queued messages, a producer on the home loop waits for the flusher.
+HIGH_WATER = 2048
+# A producer never waits longer than this for room; past it, the message is dropped.
+ROOM_TIMEOUT = 5.0
+# How long a caller on another loop waits to see its message written.
+HANDOVER_TIMEOUT = 10.0
+# Bound on the final flush when the layer closes or its loop ends.
+DRAIN_TIMEOUT = 2.0
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    target: str | None
+    text: str
+    done: concurrent.futures.Future[None] | None = None
+
+    def release(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+class Outbox:
+    """The queue of envelopes to relay, and its flusher (:meth:`run`, on the home loop)."""
+
+    def __init__(self, home: Home, stats: Stats, reporter: Reporter, outage: Outage) -> None:
+        self._home = home
+        self._stats = stats
+        self._reporter = reporter
+        self._outage = outage
+        self._queue: deque[_Outgoing] = deque()
+        # Set when the backplane stops: the flusher sends what is queued, then ends.
+        self._closing = False
+        self._idle = False
+        self._wake: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+
+    # Producers
+
+    async def publish(self, target: str | None, text: str) -> None:
+        """Queue one envelope (for instance ``target``, or every instance). Never raises
+        for backplane failures. From the home loop this returns once it is queued (it
+        waits only when the queue is over its high water); from another loop, once it is
+        written, so that a command or sync view that sends and exits has really sent."""
+        home = self._home.loop
+        if home is None:
+            return
+        if asyncio.get_running_loop() is home:
+            self._queue.append(_Outgoing(target, text))
+            self._wake_up()
+            if len(self._queue) >= HIGH_WATER:
+                await self._wait_for_room()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.append(_Outgoing(target, text, done))
+        if not self._home.call_soon(self._wake_up):
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done), HANDOVER_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "a message waited %ss to be relayed; not waiting longer", HANDOVER_TIMEOUT
+            )
+
+    def post(self, target: str | None, text: str) -> None:
+        """Queue one envelope without waiting, from any thread (control traffic)."""
+        if self._home.loop is None:
+            return
+        self._queue.append(_Outgoing(target, text))
+        self._home.call_soon(self._wake_up)
+
+    def _wake_up(self) -> None:
+        if self._idle:
+            self._idle = False
+            wake = self._wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._room is None or self._room.done():
+            self._room = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._room), ROOM_TIMEOUT)
+        except asyncio.TimeoutError:
+            dropped = 0
+            while len(self._queue) >= HIGH_WATER:
+                self._queue.pop().release()
+                dropped += 1
+            self._stats.incr("dropped.overloaded", dropped)
+            self._reporter.report(
+                BackplaneOverloaded(
+                    f"{dropped} message(s) waited over {ROOM_TIMEOUT}s to be relayed and "
+                    "were dropped"
+                ),
+                "publish",
+            )
+
+    def _signal_room(self) -> None:
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    # The flusher, on the home loop
+
+    async def run(self, driver: Driver | SubscribingDriver) -> None:
+        """Send what is queued, batch after batch, until :meth:`finish` and empty."""
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        self._closing = False
+        while True:
+            if not queue:
+                self._signal_room()
+                if self._closing:
+                    return
+                self._wake = loop.create_future()
+                self._idle = True
+                if queue:  # something arrived between the check and going idle
+                    self._idle = False
+                    continue
+                await self._wake
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+            if len(queue) < HIGH_WATER:
+                self._signal_room()
+            await self._send(driver, batch)
+
+    def finish(self) -> None:
+        """Let the flusher end once the queue is empty (the backplane stops)."""
+        self._closing = True
+        self._wake_up()
+
+    async def _send(self, driver: Driver | SubscribingDriver, batch: list[_Outgoing]) -> None:
+        sent = 0
+        can = capabilities(driver)
+        try:
+            if can.batch and len(batch) > 1:
+                await cast(SupportsBatch, driver).publish_batch(
+                    [(item.target, item.text) for item in batch]
+                )
+                sent = len(batch)
+            else:
+                for item in batch:
+                    if item.target is not None and can.direct:
+                        await cast(SupportsDirect, driver).publish_to(item.target, item.text)
+                    else:
+                        await driver.publish(item.text)
+                    sent += 1
+        except asyncio.CancelledError:
+            # The batch may be on the wire already: never send it again (at most once).
+            self._stats.incr("dropped.publish", len(batch) - sent)
+            raise
+        except Exception as exc:
+            self._stats.incr("dropped.publish", len(batch) - sent)
+            if self._outage.begin():
+                self._reporter.report(exc, "publish")
+            else:
+                self._reporter.count(exc, "publish")
+        else:
+            self._outage.end()
+        finally:
+            self._stats.incr("published", sent)
+            for item in batch:
+                item.release()
+
+    async def drain(self, driver: Driver | SubscribingDriver) -> None:
+        """Send what is still queued, within a bound, before the driver closes."""
+        queue = self._queue
+        if not queue:
+            return
+
+        async def drain() -> None:
+            while queue:
+                await self._send(
+                    driver, [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+                )
+
+        try:
+            await asyncio.wait_for(drain(), DRAIN_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        if queue:
+            self._stats.incr("dropped.publish", len(queue))
+            logger.warning("%d queued message(s) were not relayed before closing", len(queue))
+            for item in queue:
+                item.release()
+            queue.clear()

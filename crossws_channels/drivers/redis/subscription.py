@@ -1,0 +1,150 @@
+"""The redis driver's subscription: one connection, from SUBSCRIBE until it is lost.
+
+It subscribes to the cluster's broadcast channel and this instance's direct channel, and
+is read without a timeout per message, every message one socket read brought handled in
+one go. A watchdog bounds silence instead: after ``health_check_interval`` (10 s unless
+the URL or client sets it) without traffic it PINGs, and gives up on a connection whose
+PING stays unanswered for the socket timeout. Redis keeps what is published for a
+subscriber that does not read (backpressure) in that client's output buffer, so a pause
+is not silence.
+
+When the connection breaks, :meth:`Subscription.run` raises; the layer's supervisor
+subscribes again, with a new :class:`Subscription`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, NoReturn
+
+from ..base import Deliver
+from .connection import Connection, ConnectionFactory, bounded, disconnect_quietly
+from .options import WireNames
+from .resp import ReplyReader, pack
+
+__all__ = ["IDLE_PING_INTERVAL", "Subscription"]
+
+logger = logging.getLogger(__name__)
+
+# The subscribe connection pings after this long without traffic (unless the URL or
+# client sets ``health_check_interval``) and gives up on it when the reply takes longer
+# than the socket timeout: a half-open connection is noticed within their sum (and a
+# quarter of the smaller of the two, how often the watchdog looks).
+IDLE_PING_INTERVAL = 10.0
+
+_PING = pack(b"PING")
+
+
+class Subscription:
+    """One subscribe connection of instance ``instance_id``."""
+
+    def __init__(self, connections: ConnectionFactory, names: WireNames, instance_id: str) -> None:
+        self._connections = connections
+        self._channels = (names.broadcast, names.direct(instance_id))
+        self._connection: Connection = connections(f"crossws_channels:sub:{instance_id}")
+        self._replies: ReplyReader | None = None
+        self._heard = 0  # reads that brought replies, for the watchdog
+        self._paused = False  # the layer asked the reader to wait (backpressure)
+
+    async def open(self, deliver: Deliver) -> None:
+        """Connect and SUBSCRIBE; return once Redis confirmed both channels."""
+        connections = self._connections
+        connection = self._connection
+        bound = connections.connect_timeout + connections.socket_timeout
+        try:
+            async with bounded(bound):
+                await connection.connect()
+                replies = self._replies = ReplyReader(connection, connections.reply_error)
+                await connection.send_command("SUBSCRIBE", *self._channels)
+                confirmed = 0
+                while confirmed < 2:
+                    for reply in await replies.read():
+                        if _kind(reply) == b"subscribe":
+                            confirmed += 1
+                        elif _kind(reply) == b"message" and len(reply) == 3:
+                            deliver(reply[2])  # arrived before the second confirmation
+        except TimeoutError:
+            raise TimeoutError(
+                f"Redis did not accept the connection and confirm SUBSCRIBE within {bound:g} s"
+            ) from None
+
+    async def run(self, deliver: Deliver) -> NoReturn:
+        """Read until the connection fails, or until the watchdog gives up on it."""
+        replies = self._replies
+        if replies is None:
+            raise RuntimeError("run() before open()")
+        reader = asyncio.get_running_loop().create_task(
+            self._read(replies, deliver), name=f"crossws_channels redis reader {self._channels[1]}"
+        )
+        try:
+            await self._watch(reader)
+        finally:
+            reader.cancel()
+            await asyncio.wait([reader])
+            if not reader.cancelled():
+                reader.exception()  # retrieved: the watchdog's own error is the one raised
+
+    async def close(self) -> None:
+        await disconnect_quietly(self._connection, nowait=True)
+
+    async def _read(self, replies: ReplyReader, deliver: Deliver) -> NoReturn:
+        # The hot path: no timer (the watchdog bounds silence), and every message that
+        # one socket read brought handled in one go. When the layer asks it to wait (a
+        # channel is full while its consumer reads), the reader stops reading: Redis
+        # keeps the rest in this client's output buffer until it resumes.
+        read = replies.read
+        while True:
+            batch = await read()
+            self._heard += 1
+            for reply in batch:
+                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                    data = reply[2]
+                    try:
+                        wait = deliver(data)
+                    except Exception:
+                        # Deliver promises not to raise; if it does anyway, the reader
+                        # must live on.
+                        logger.exception("deliver raised on a %d-byte message", len(data))
+                        continue
+                    if wait is not None:
+                        self._paused = True
+                        try:
+                            await wait
+                        finally:
+                            self._paused = False
+                            self._heard += 1
+
+    async def _watch(self, reader: asyncio.Task[NoReturn]) -> NoReturn:
+        """Raise when ``reader`` fails, or when the connection has been silent for
+        ``health_check_interval`` and then left a PING unanswered for the socket
+        timeout: silence may be a quiet channel or a dead peer, and a PING tells them
+        apart."""
+        loop = asyncio.get_running_loop()
+        connections = self._connections
+        interval = connections.health_check_interval or IDLE_PING_INTERVAL
+        patience = connections.socket_timeout
+        tick = min(interval, patience) / 4
+        heard = self._heard
+        quiet_since = loop.time()
+        pinged_at: float | None = None
+        while True:
+            await asyncio.wait([reader], timeout=tick)
+            if reader.done():
+                reader.result()  # raises what broke the connection
+            now = loop.time()
+            if self._heard != heard or self._paused:
+                heard, quiet_since, pinged_at = self._heard, now, None
+            elif pinged_at is not None:
+                if now - pinged_at >= patience:
+                    raise TimeoutError(f"no reply to PING within {patience:g} s")
+            elif now - quiet_since >= interval:
+                async with bounded(patience):
+                    await self._connection.send_packed_command(_PING, check_health=False)
+                pinged_at = now
+
+
+def _kind(reply: Any) -> bytes | None:
+    if isinstance(reply, list) and reply and isinstance(reply[0], bytes):
+        return reply[0]
+    return None

@@ -1,0 +1,59 @@
+"""``make_layer`` for the contract suite: the same tests on every driver.
+
+Outside this package ``make_layer`` builds ``local`` layers; here it is parametrized over
+:data:`tests.cluster.DRIVERS`, each layer of a test in one cluster on that driver, in this
+process: ``local`` as it is, ``redis`` and ``pgsql`` over the shared servers (skipped, or
+failed with ``CROSSWS_REQUIRE_SERVICES=1``, when one is down), ``multiprocessing`` with a
+relay process of the test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import DRIVERS
+
+
+@pytest.fixture(params=DRIVERS)
+async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Build layers on the parametrized driver (CONFIG overrides as keywords)."""
+    from crossws_channels.layer import BackplaneChannelLayer
+
+    driver: str = request.param
+    channel = f"ct-{uuid.uuid4().hex[:10]}"
+    options: dict[str, Any] = {}
+    stack = contextlib.ExitStack()
+    if driver == "redis":
+        options["url"] = request.getfixturevalue("redis_url")
+    elif driver == "pgsql":
+        options["dsn"] = request.getfixturevalue("pg_dsn")
+    elif driver == "multiprocessing":
+        from tests.drivers.test_multiprocessing_helpers import RelayProcess, short_socket_dir
+
+        socket_dir = stack.enter_context(short_socket_dir())
+        options["socket_dir"] = str(socket_dir)
+        stack.enter_context(RelayProcess(channel, socket_dir, tmp_path))
+    layers: list[BackplaneChannelLayer] = []
+
+    def make(**config: Any) -> BackplaneChannelLayer:
+        layer = BackplaneChannelLayer(**{"driver": driver, "channel": channel, **options, **config})
+        layers.append(layer)
+        return layer
+
+    try:
+        yield make
+    finally:
+        for layer in layers:
+            await asyncio.wait_for(layer.close(), 10)
+        stack.close()
+        if driver == "pgsql":
+            from tests.drivers.test_pgsql_support import drop_tables
+
+            drop_tables(options["dsn"], channel)
