@@ -125,7 +125,7 @@ class Cluster:
         self._siblings: list[Cluster] = []
         self._stack = contextlib.ExitStack()
         if driver == "multiprocessing":
-            from tests.drivers.test_multiprocessing_helpers import (
+            from tests.drivers.multiprocessing.support import (
                 RelayProcess,
                 short_socket_dir,
             )
@@ -165,6 +165,6 @@ class Cluster:
             agent.stop()
         self._stack.close()
         if self.driver == "pgsql":
-            from tests.drivers.test_pgsql_support import drop_tables
+            from tests.drivers.pgsql.support import drop_tables
 
             drop_tables(self._options["dsn"], self.channel)

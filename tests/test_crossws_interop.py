@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from crossws_channels import serialize
 from tests.conftest import ErrorLog
-from tests.drivers.test_pgsql_support import drop_tables
+from tests.drivers.pgsql.support import drop_tables
 from tests.node.crossws import CrosswsServer
 from tests.servers import free_port
 

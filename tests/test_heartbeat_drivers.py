@@ -13,8 +13,8 @@ import pytest
 
 from crossws_channels.errors import DeafSubscription
 from tests.conftest import ErrorLog
-from tests.drivers.test_multiprocessing_helpers import RelayProcess, short_socket_dir
-from tests.drivers.test_pgsql_support import drop_tables
+from tests.drivers.multiprocessing.support import RelayProcess, short_socket_dir
+from tests.drivers.pgsql.support import drop_tables
 
 
 @pytest.fixture(params=["local", "redis", "pgsql", "multiprocessing"])

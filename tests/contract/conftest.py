@@ -35,7 +35,7 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     elif driver == "pgsql":
         options["dsn"] = request.getfixturevalue("pg_dsn")
     elif driver == "multiprocessing":
-        from tests.drivers.test_multiprocessing_helpers import RelayProcess, short_socket_dir
+        from tests.drivers.multiprocessing.support import RelayProcess, short_socket_dir
 
         socket_dir = stack.enter_context(short_socket_dir())
         options["socket_dir"] = str(socket_dir)
@@ -54,6 +54,6 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             await asyncio.wait_for(layer.close(), 10)
         stack.close()
         if driver == "pgsql":
-            from tests.drivers.test_pgsql_support import drop_tables
+            from tests.drivers.pgsql.support import drop_tables
 
             drop_tables(options["dsn"], channel)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.drivers.test_pgsql_support import drop_tables
+from tests.drivers.pgsql.support import drop_tables
 from tests.e2e.harness import DaphneServer, Processes, WSClient, http_post, project_env
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.drivers.test_pgsql_support import drop_tables
+from tests.drivers.pgsql.support import drop_tables
 from tests.e2e.harness import Processes, WSClient, project_env
 from tests.node.crossws import CrosswsServer
 from tests.servers import free_port

@@ -42,7 +42,7 @@ EXAMPLE_CONFIG = ROOT / "docs" / "examples" / "gunicorn.conf.py"
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     """A short socket_dir (pytest's tmp_path is too long for a Unix socket path)."""
-    from tests.drivers.test_multiprocessing_helpers import short_socket_dir
+    from tests.drivers.multiprocessing.support import short_socket_dir
 
     with short_socket_dir() as directory:
         yield directory

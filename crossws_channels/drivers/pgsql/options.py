@@ -7,6 +7,7 @@ it, outside any event loop: nothing is opened, every mistake raises
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import re
@@ -112,6 +113,8 @@ class Names:
         )
 
 
+# Every direct send names its target's channel; a process sends to few targets.
+@functools.lru_cache(maxsize=1024)
 def direct_channel(channel: str, instance_id: str) -> str:
     """The notification channel on which ``instance_id`` of cluster ``channel`` listens
     for messages sent to it alone."""

@@ -39,8 +39,6 @@ logger = logging.getLogger("crossws_channels.drivers.pgsql")
 # Bounds on one NOTIFY statement: rows and bytes of payload.
 CHUNK_ROWS = 1000
 CHUNK_BYTES = 4 * 1024 * 1024
-# Direct channel names remembered, one per target instance (computing one hashes).
-DIRECT_NAMES_KEPT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +74,6 @@ class Relay:
         self._link = link
         self._tables = tables
         self._queues = queues
-        self._direct_names: dict[str, str] = {}
         self._deliver: Deliver | None = None
         self._listening: Session | None = None
         self._user_session_spent = False
@@ -133,14 +130,7 @@ class Relay:
         return steps
 
     def _direct(self, instance_id: str) -> str:
-        name = self._direct_names.get(instance_id)
-        if name is None:
-            if len(self._direct_names) >= DIRECT_NAMES_KEPT:
-                self._direct_names.clear()
-            name = self._direct_names[instance_id] = direct_channel(
-                self._options.channel, instance_id
-            )
-        return name
+        return direct_channel(self._options.channel, instance_id)
 
     async def _send(self, session: Session, steps: list[_Notify | _Large]) -> None:
         for step in steps:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from crossws_channels.layer import BackplaneChannelLayer
-from tests.drivers._redis_support import unique
+from tests.drivers.redis.support import unique
 from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

@@ -28,7 +28,9 @@ from crossws_channels.drivers.redis import RedisDriver, WireNames
 from crossws_channels.drivers.redis.connection import bounded_compat
 from crossws_channels.envelope import SyncMessage, decode_envelope, encode_envelope
 from crossws_channels.errors import ConfigurationError
-from tests.drivers._redis_support import (
+from tests.drivers.collector import Collector
+from tests.drivers.listening import listen
+from tests.drivers.redis.support import (
     client_list,
     named,
     pubsub_messages,
@@ -36,8 +38,6 @@ from tests.drivers._redis_support import (
     subscribed,
     unique,
 )
-from tests.drivers.collector import Collector
-from tests.drivers.listening import listen
 from tests.servers import RedisServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.redis

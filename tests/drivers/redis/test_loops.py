@@ -9,9 +9,9 @@ import time
 import pytest
 
 from crossws_channels.drivers.redis import RedisDriver
-from tests.drivers._redis_support import client_list, named, unique
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
+from tests.drivers.redis.support import client_list, named, unique
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -7,7 +7,6 @@ import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -33,8 +32,7 @@ from crossws_channels.errors import BackplaneError, ConfigurationError
 from tests.conftest import PG_DSN
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
-from tests.drivers.test_pgsql_support import (
-    CONNECTORS,
+from tests.drivers.pgsql.support import (
     Cluster,
     admin_query,
     admin_query_sync,
@@ -47,26 +45,6 @@ from tests.servers import free_port
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.pgsql
-
-
-@pytest.fixture(params=CONNECTORS)
-def connector(request: pytest.FixtureRequest) -> str:
-    """Each library the driver speaks through."""
-    return str(request.param)
-
-
-@pytest.fixture
-async def cluster(pg_dsn: str, connector: str) -> AsyncIterator[Cluster]:
-    """A cluster on the shared server, for each connector."""
-    async with cluster_of(pg_dsn, connector) as made:
-        yield made
-
-
-@pytest.fixture
-async def psycopg_cluster(pg_dsn: str) -> AsyncIterator[Cluster]:
-    """A cluster on the shared server, psycopg only."""
-    async with cluster_of(pg_dsn) as made:
-        yield made
 
 
 def make_psycopg_connection() -> Any:

@@ -9,7 +9,7 @@ import pytest
 
 from crossws_channels.errors import DeafSubscription, MessagesLost
 from tests.conftest import ErrorLog
-from tests.drivers._redis_support import kill_subscriber
+from tests.drivers.redis.support import kill_subscriber
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.redis

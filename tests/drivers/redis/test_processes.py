@@ -13,7 +13,7 @@ import pytest
 
 from crossws_channels.drivers.redis import WireNames
 from tests.agent import Agent
-from tests.drivers._redis_support import client_list, named, unique
+from tests.drivers.redis.support import client_list, named, unique
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,10 @@ from crossws_channels.envelope import SyncMessage, encode_envelope, encode_frame
 from crossws_channels.errors import ConfigurationError, RelayUnavailable
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
-from tests.drivers.test_multiprocessing_helpers import (
+from tests.drivers.multiprocessing.support import (
     ROOT,
     RelayProcess,
     child_env,
-    short_socket_dir,
 )
 
 pytestmark = pytest.mark.slow
@@ -57,26 +56,6 @@ class TimedCollector(Collector):
     def connection_made(self) -> None:
         self.made_at.append(time.monotonic())
         super().connection_made()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A fresh, short socket_dir."""
-    with short_socket_dir() as directory:
-        yield directory
-
-
-@pytest.fixture
-def channel() -> str:
-    """A cluster name unique to the test."""
-    return f"mp-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def relay(channel: str, socket_dir: Path, tmp_path: Path) -> Iterator[RelayProcess]:
-    """A running standalone relay for ``channel``."""
-    with RelayProcess(channel, socket_dir, tmp_path) as process:
-        yield process
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from crossws_channels.drivers.redis import RedisDriver
-from tests.drivers._redis_support import raw_client, unique
+from tests.drivers.redis.support import raw_client, unique
 
 pytestmark = pytest.mark.redis
 

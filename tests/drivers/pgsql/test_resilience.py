@@ -25,8 +25,7 @@ import pytest
 from crossws_channels.drivers.pgsql import PgsqlDriver
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
-from tests.drivers.test_pgsql_support import (
-    CONNECTORS,
+from tests.drivers.pgsql.support import (
     Cluster,
     admin_query,
     backends,
@@ -39,19 +38,6 @@ from tests.servers import PostgresServer, free_port
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.pgsql
-
-
-@pytest.fixture(params=CONNECTORS)
-def connector(request: pytest.FixtureRequest) -> str:
-    """Each library the driver speaks through."""
-    return str(request.param)
-
-
-@pytest.fixture
-async def cluster(pg_dsn: str, connector: str) -> AsyncIterator[Cluster]:
-    """A cluster on the shared server, for each connector."""
-    async with cluster_of(pg_dsn, connector) as made:
-        yield made
 
 
 @contextlib.asynccontextmanager
@@ -330,8 +316,8 @@ async def test_a_broken_user_client_is_replaced_not_closed(pg_dsn: str, connecto
 # socket opens.
 
 
-ROOT = Path(__file__).resolve().parents[2]
-MODULE = "tests.drivers.test_pgsql_resilience"
+ROOT = Path(__file__).resolve().parents[3]
+MODULE = "tests.drivers.pgsql.test_resilience"
 FREEZE_ROUNDS = 10
 
 

@@ -17,8 +17,7 @@ from psycopg import sql
 from crossws_channels.drivers.pgsql import PgsqlDriver, table_names
 from crossws_channels.drivers.pgsql.sql import WAKE_BELOW
 from crossws_channels.errors import MessageExpired
-from tests.drivers.test_pgsql_support import (
-    CONNECTORS,
+from tests.drivers.pgsql.support import (
     Cluster,
     admin_query,
     cluster_of,
@@ -27,26 +26,6 @@ from tests.drivers.test_pgsql_support import (
 )
 
 pytestmark = pytest.mark.pgsql
-
-
-@pytest.fixture(params=CONNECTORS)
-def connector(request: pytest.FixtureRequest) -> str:
-    """Each library the driver speaks through."""
-    return str(request.param)
-
-
-@pytest.fixture
-async def cluster(pg_dsn: str, connector: str) -> AsyncIterator[Cluster]:
-    """A cluster on the shared server, for each connector."""
-    async with cluster_of(pg_dsn, connector) as made:
-        yield made
-
-
-@pytest.fixture
-async def psycopg_cluster(pg_dsn: str) -> AsyncIterator[Cluster]:
-    """A cluster on the shared server, psycopg only."""
-    async with cluster_of(pg_dsn) as made:
-        yield made
 
 
 def later(seconds: float = 60.0) -> float:

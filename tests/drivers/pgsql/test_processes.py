@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.pgsql, pytest.mark.slow]
 def agents(pg_dsn: str) -> Iterator[Any]:
     """``agents(n, **config)`` starts n agents of one pgsql cluster and returns them ready;
     afterwards it stops them and drops the tables of every channel used."""
-    from tests.drivers.test_pgsql_support import drop_tables
+    from tests.drivers.pgsql.support import drop_tables
 
     started: list[Agent] = []
     channels: set[str] = set()
@@ -45,7 +45,7 @@ def agents(pg_dsn: str) -> Iterator[Any]:
 
 
 def unique(prefix: str) -> str:
-    from tests.drivers.test_pgsql_support import unique as make
+    from tests.drivers.pgsql.support import unique as make
 
     return make(prefix)
 

@@ -1,7 +1,7 @@
 """BackplaneChannelLayer on the multiprocessing driver, across real OS processes.
 
 Each test runs a standalone relay, one layer in the test process and agent processes
-(see :mod:`tests.drivers.test_multiprocessing_helpers`) each holding a layer of the same
+(see :mod:`tests.drivers.multiprocessing.support`) each holding a layer of the same
 cluster.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,11 @@ import pytest
 
 from crossws_channels.errors import RelayUnavailable
 from tests.conftest import ErrorLog
-from tests.drivers.test_multiprocessing_helpers import Agent, RelayProcess, short_socket_dir
+from tests.drivers.multiprocessing.support import Agent, RelayProcess
 
 pytestmark = pytest.mark.slow
 
 MakeAgent = Callable[..., Awaitable[Agent]]
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A fresh, short socket_dir."""
-    with short_socket_dir() as directory:
-        yield directory
-
-
-@pytest.fixture
-def channel() -> str:
-    """A cluster name unique to the test."""
-    return f"mpl-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def relay(channel: str, socket_dir: Path, tmp_path: Path) -> Iterator[RelayProcess]:
-    """A running standalone relay for ``channel``."""
-    with RelayProcess(channel, socket_dir, tmp_path) as process:
-        yield process
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from crossws_channels.drivers.redis import RedisDriver
-from tests.drivers._redis_support import kill_subscriber, paused, raw_client, subscribed, unique
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
+from tests.drivers.redis.support import kill_subscriber, paused, raw_client, subscribed, unique
 from tests.servers import RedisServer
 from tests.waiting import eventually_async
 
