@@ -37,7 +37,7 @@ from ._outbox import Outbox
 from ._registry import Registry
 from ._reporting import Reporter, Stats
 from .envelope import decode_envelope
-from .errors import MessagesLost, Stage
+from .errors import MalformedMessage, MessagesLost, Stage
 
 logger = logging.getLogger("crossws_channels")
 
@@ -58,6 +58,25 @@ def owner(channel: str) -> str | None:
     if bang < 0:
         return None
     return channel[max(0, bang - INSTANCE_ID_LENGTH) : bang]
+
+
+def envelope_limit(max_message_size: int) -> int:
+    """The longest backplane message decoded at all, for a cluster's ``max_message_size``.
+
+    An envelope carries the serialized message as a JSON string: escaping at most doubles
+    it (every quote and backslash), base64 adds a third to binary data, and the envelope's
+    own fields are small. Twice that again leaves room for the largest real envelope; an
+    envelope past it is not from a layer of this cluster, and decoding it would cost
+    memory for nothing.
+    """
+    return 4 * max_message_size + 64 * 1024
+
+
+def _implausible(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    return MalformedMessage(
+        f"{count} relayed message(s) numbered far past their sender's last one, not "
+        "counted as lost (forged or corrupt traffic?): " + ", ".join(names)
+    )
 
 
 def _lost(subject: str | None, count: int, names: dict[str, int]) -> Exception:
@@ -86,8 +105,10 @@ class Inbound:
         resync_type: str | None,
         expiry: float,
         driver_name: str,
+        max_envelope: int,
     ) -> None:
         self._frames = frames
+        self._max_envelope = max_envelope
         self._instance_id = frames.instance_id
         self._registry = registry
         self._delivery = delivery
@@ -169,6 +190,14 @@ class Inbound:
         """One message from the driver; a future when the driver must pause (``_flow``)."""
         if self._own_echo(raw):
             return None
+        if len(raw) > self._max_envelope:
+            # Larger than any envelope a layer of the cluster sends: not decoded at all.
+            self._reporter.drop_malformed(
+                f"{len(raw)} bytes of backplane traffic, over the {self._max_envelope} an "
+                "envelope may have (see max_message_size)",
+                "oversized",
+            )
+            return None
         envelope = decode_envelope(raw)
         if envelope is None:
             self._reporter.drop_malformed(
@@ -229,6 +258,10 @@ class Inbound:
 
     def _count_gap(self, sender: str, seq: int) -> None:
         missing = self._gaps.observe(sender, seq)
+        if missing is None:
+            self._stats.incr("implausible_seq")
+            self._reporter.tally("implausible", None, "delivery", _implausible, 1, [sender])
+            return
         if missing:
             self._stats.incr("lost", missing)
             self._reporter.tally("lost", None, "delivery", _lost, missing, [sender])

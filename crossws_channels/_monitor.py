@@ -39,6 +39,12 @@ PING = "!ping"
 PONG = "!pong"
 # Senders remembered for gap counting; older ones are forgotten first.
 MAX_SENDERS = 4096
+# A jump in one sender's numbers beyond this is not a loss but traffic that is not the
+# sender's (forged, or corrupt): at 100,000 messages a second it is over a minute and a
+# half of silence, which the subscription's outage report covers. Counting it would make
+# `lost` meaningless (a forged number near 2**64), and remembering it would hide the
+# real sender's next gaps.
+MAX_PLAUSIBLE_GAP = 10_000_000
 
 
 class SequenceGaps:
@@ -48,9 +54,12 @@ class SequenceGaps:
         self._last: OrderedDict[str, int] = OrderedDict()
         self.missing: dict[str, int] = {}
 
-    def observe(self, sender: str, seq: int) -> int:
-        """Record ``seq`` from ``sender``; return how many messages before it are missing."""
+    def observe(self, sender: str, seq: int) -> int | None:
+        """Record ``seq`` from ``sender``; return how many messages before it are missing,
+        or None for a number no real sender could have reached (then nothing is recorded)."""
         last = self._last.get(sender)
+        if last is not None and seq - last > MAX_PLAUSIBLE_GAP:
+            return None
         self._last[sender] = max(seq, last or 0)
         self._last.move_to_end(sender)
         if len(self._last) > MAX_SENDERS:

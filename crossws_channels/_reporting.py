@@ -182,10 +182,11 @@ class Reporter:
         for key in idle:
             del self._tallies[key]
 
-    def drop_malformed(self, what: str) -> None:
-        """Count and report (aggregated) a malformed message that is dropped."""
-        self._stats.incr("dropped.malformed")
-        self.tally("malformed", None, "delivery", _malformed, 1, [what])
+    def drop_malformed(self, what: str, kind: str = "malformed") -> None:
+        """Count (as ``dropped.<kind>``) and report (aggregated) backplane traffic that
+        is dropped as malformed."""
+        self._stats.incr(f"dropped.{kind}")
+        self.tally(kind, None, "delivery", _malformed, 1, [what])
 
     def count(self, error: Exception, stage: Stage) -> None:
         """A failure during an outage that was reported when it began: counted only."""

@@ -37,7 +37,14 @@ from ._frames import Frames
 from ._health import Health
 from ._home import Home
 from ._housekeeping import Housekeeping
-from ._inbound import GROUP_ADD, GROUP_DISCARD, INSTANCE_ID_LENGTH, Inbound, owner
+from ._inbound import (
+    GROUP_ADD,
+    GROUP_DISCARD,
+    INSTANCE_ID_LENGTH,
+    Inbound,
+    envelope_limit,
+    owner,
+)
 from ._monitor import HEARTBEAT, PING, Census, Heartbeat, Pong, SequenceGaps
 from ._outbox import Outbox
 from ._registry import Payload, Registry
@@ -150,6 +157,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             resync_type=config.resync_type,
             expiry=config.expiry,
             driver_name=config.driver_name,
+            max_envelope=envelope_limit(config.max_message_size),
         )
         housekeeping = Housekeeping(
             registry,

@@ -140,13 +140,24 @@ def dumps(message: Message) -> str | bytes:
     return BINARY_MARKER + packed
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not a message value")
+
+
 def loads(data: str | bytes) -> Message:
     """Deserialize envelope data produced by :func:`dumps`. Raises ValueError if invalid."""
     if isinstance(data, str):
         message = _json_decode(data)
     elif data[:4] == BINARY_MARKER:
+        # The layer never sends extension types: refuse them (a Timestamp or ExtType from
+        # someone else's publisher must not reach a consumer as a foreign object).
         message = msgpack.unpackb(
-            data[4:], raw=False, strict_map_key=True, unicode_errors="surrogatepass"
+            data[4:],
+            raw=False,
+            strict_map_key=True,
+            unicode_errors="surrogatepass",
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
         )
     else:
         raise ValueError("binary data without the crossws_channels marker")
