@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 # stuck process can't make the relay (and so every other process) run out of memory.
 MAX_BUFFERED = 64 * 1024 * 1024
 HELLO_TIMEOUT = 5.0
+# Connections open at once, said hello or not: far more processes than one host runs,
+# few enough that a runaway client can't exhaust the relay's file descriptors.
+MAX_CONNECTIONS = 1024
 SWEEP_INTERVAL = 1.0
 PARENT_POLL_INTERVAL = 0.25
 
@@ -73,7 +76,7 @@ class _Peer(asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
-        self.reader = wire.FrameReader()
+        self.reader = wire.FrameReader(wire.MAX_HELLO_FRAME)
         self.instance_id: str | None = None
         self.pid = 0
         self.outbox: list[bytes] = []
@@ -85,6 +88,16 @@ class _Peer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if len(self.relay.connections) >= MAX_CONNECTIONS:
+            self.relay.refused_connections += 1
+            if self.relay.refused_connections == 1:
+                logger.warning(
+                    "refusing connections: %d are open already (the relay's limit); "
+                    "counted in the relay's stopping line",
+                    MAX_CONNECTIONS,
+                )
+            self.transport.abort()
+            return
         self.relay.connections.add(self)
         sock = transport.get_extra_info("socket")
         creds = paths.peer_credentials(sock) if sock is not None else None
@@ -108,8 +121,15 @@ class _Peer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            frames = self.reader.feed(data)
-            for frame in frames:
+            if self.instance_id is None:
+                # Before the hello only the hello, under its small limit; what came with
+                # it is read on under the limit that the hello raised.
+                for frame in self.reader.feed(data, most=1):
+                    self.relay.dispatch(self, frame)
+                if self.instance_id is None:
+                    return
+                data = b""
+            for frame in self.reader.feed(data):
                 if self.transport is None or self.transport.is_closing():
                     return
                 self.relay.dispatch(self, frame)
@@ -141,6 +161,7 @@ class Relay:
         self.waiters: dict[str, deque[_Waiter]] = {}
         self.relayed = 0
         self.dropped = 0
+        self.refused_connections = 0
         self._dirty: set[_Peer] = set()
         self._flush_scheduled = False
 
@@ -248,6 +269,7 @@ class Relay:
             self.forget(previous)
             previous.abort()
         peer.instance_id = instance_id
+        peer.reader.limit = wire.MAX_FRAME
         self.instances[instance_id] = peer
         self.peers.add(peer)
         self.send(peer, wire.welcome(os.getpid()))
@@ -451,10 +473,11 @@ async def serve(
         await stop.wait()
         logger.info(
             "relay for channel %r stopping: %d message(s) relayed, %d direct message(s) "
-            "to absent instances dropped",
+            "to absent instances dropped, %d connection(s) refused over the limit",
             channel,
             relay.relayed,
             relay.dropped,
+            relay.refused_connections,
         )
     finally:
         for task in tasks:

@@ -21,6 +21,7 @@ __all__ = [
     "FLUSH",
     "HELLO",
     "MAX_FRAME",
+    "MAX_HELLO_FRAME",
     "MESSAGE",
     "POP",
     "PROTOCOL_VERSION",
@@ -53,6 +54,9 @@ REPLY: Final = 0x30  # relay: req, status, expires, data
 # Large enough for any Channels message; small enough that a corrupt length prefix can't
 # make a process allocate gigabytes.
 MAX_FRAME: Final = 64 * 1024 * 1024
+# The largest hello (a channel name is at most 65,535 bytes): what a connection may send
+# before it has said who it is, so that one which never does holds little memory.
+MAX_HELLO_FRAME: Final = 80 * 1024
 
 _HEADER = struct.Struct("!IB")
 _LENGTH = struct.Struct("!I")
@@ -208,13 +212,15 @@ def parse_reply(body: memoryview) -> tuple[int, bool, float, bytes]:
 class FrameReader:
     """Splits a byte stream into whole frames (length prefix included)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_FRAME) -> None:
         self._buffer = bytearray()
+        # The largest frame accepted; the relay raises it once a connection said hello.
+        self.limit = limit
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return every frame it completes, oldest first.
+    def feed(self, data: bytes, most: int | None = None) -> list[bytes]:
+        """Add ``data``; return every frame it completes (at most ``most``), oldest first.
 
         Raises :class:`ProtocolError` for an empty or oversized frame: the stream can't be
         resynchronised after that, so the caller drops the connection.
@@ -224,16 +230,19 @@ class FrameReader:
         available = len(buffer)
         frames: list[bytes] = []
         pos = 0
+        limit = self.limit
         with memoryview(buffer) as view:
             while available - pos >= 4:
                 (size,) = _LENGTH.unpack_from(view, pos)
-                if size < 1 or size > MAX_FRAME:
+                if size < 1 or size > limit:
                     raise ProtocolError(f"invalid frame length {size}")
                 end = pos + 4 + size
                 if end > available:
                     break
                 frames.append(view[pos:end].tobytes())
                 pos = end
+                if most is not None and len(frames) >= most:
+                    break
         # The view must be released before the bytearray can shrink.
         if pos:
             del buffer[:pos]

@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ from tests.drivers.multiprocessing.support import (
     RelayProcess,
     child_env,
 )
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.slow
 
@@ -253,6 +256,97 @@ def test_frame_reader_rejects_bad_lengths() -> None:
         wire.FrameReader().feed(b"\xff\xff\xff\xff\x10")
     with pytest.raises(ValueError, match="exceeds"):
         wire.message(b"x" * wire.MAX_FRAME)
+
+
+def test_frame_reader_honours_its_limit_and_count() -> None:
+    """A frame past the reader's limit is refused at its length prefix; ``most`` stops
+    after that many frames, keeping the rest for the next feed."""
+    small = wire.FrameReader(limit=100)
+    with pytest.raises(wire.ProtocolError):
+        small.feed(struct.pack("!I", 101))
+    reader = wire.FrameReader(limit=100)
+    two = wire.message(b"a" * 10) + wire.message(b"b" * 200)
+    assert [f[5:] for f in reader.feed(two, most=1)] == [b"a" * 10]
+    reader.limit = wire.MAX_FRAME
+    assert [f[5:] for f in reader.feed(b"")] == [b"b" * 200]
+
+
+def raw_hello(channel: str, instance_id: str) -> bytes:
+    return wire.hello(channel, instance_id, os.getpid())
+
+
+def raw_exchange(path: Path, *chunks: bytes) -> bytes:
+    """Connect to the relay as a bare socket, send ``chunks``, return what it answered
+    until it closed the connection or went quiet for a second."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        got = b""
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+            sock.settimeout(1.0)
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        return got
+
+
+async def test_a_connection_may_send_only_a_small_frame_before_its_hello(
+    relay: RelayProcess, make_driver: MakeDriver
+) -> None:
+    """A 1 MiB frame before any hello is a protocol error: the connection is dropped
+    before the relay buffers it, and the relay serves the others as before."""
+    a, _ = await make_driver("A")
+    _b, seen_b = await make_driver("B")
+    big = wire.message(b"x" * (1024 * 1024))
+    answer = await asyncio.to_thread(raw_exchange, relay.path, big)
+    assert answer == b""
+    assert "protocol error: invalid frame length" in relay.output()
+    await a.publish(envelope("A", "still relayed"))
+    await seen_b.wait_for(lambda c: len(c.raw) == 1)
+
+
+async def test_a_large_message_right_behind_the_hello_is_relayed(
+    relay: RelayProcess, make_driver: MakeDriver
+) -> None:
+    """The small limit ends with the hello, even when the next frame came in the same read."""
+    _b, seen_b = await make_driver("B")
+    text = envelope("raw", "y" * (512 * 1024))
+    answer = await asyncio.to_thread(
+        raw_exchange,
+        relay.path,
+        raw_hello(relay.channel, "raw") + wire.message(text.encode()),
+    )
+    assert answer[4] == wire.WELCOME
+    await seen_b.wait_for(lambda c: len(c.raw) == 1, timeout=10)
+    assert len(seen_b.raw[0]) == len(text)
+
+
+async def test_connections_past_the_limit_are_refused_and_counted(
+    relay: RelayProcess, make_driver: MakeDriver
+) -> None:
+    """Past MAX_CONNECTIONS open connections the relay closes new ones at once, says so
+    once, and the instances already connected keep relaying."""
+    from crossws_channels.drivers.multiprocessing.relay import MAX_CONNECTIONS
+
+    a, _ = await make_driver("A")
+    _b, seen_b = await make_driver("B")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 20):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(relay.path))
+            held.append(sock)
+        await eventually_async(
+            lambda: "refusing connections" in relay.output(), what="the refusal logged"
+        )
+        assert relay.output().count("refusing connections") == 1
+        await a.publish(envelope("A", "through"))
+        await seen_b.wait_for(lambda c: len(c.raw) == 1)
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # Relaying
