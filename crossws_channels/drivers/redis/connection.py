@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import inspect
+import math
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
 from .resp import ReplyReader, resp2_settings
@@ -35,6 +38,7 @@ __all__ = [
     "ConnectionFactory",
     "bounded",
     "bounded_compat",
+    "check_url_settings",
     "disconnect_quietly",
     "pool_from_url",
     "safe_client_name",
@@ -104,6 +108,40 @@ def pool_from_url(url: str, connector: Connector) -> Pool:
     if not url.lower().startswith("unix:"):
         defaults["socket_keepalive"] = True
     return cast(Pool, module.ConnectionPool.from_url(url, **defaults))
+
+
+# URL options that are a number of seconds or a count: checked here, since redis-py takes
+# any number (a negative timeout fails every connection attempt later, for ever).
+_POSITIVE_SECONDS = ("socket_timeout", "socket_connect_timeout", "timeout")
+_NON_NEGATIVE = ("health_check_interval", "db")
+
+
+def check_url_settings(url: str, pool: Pool) -> None:
+    """Refuse, at start-up, what redis-py's ``from_url`` accepted but would fail on (or
+    silently ignore) when connecting: an option no connection takes, a timeout that is
+    not a positive number of seconds, a database that is not a number. Raises ValueError
+    naming the option."""
+    kwargs: dict[str, Any] = dict(pool.connection_kwargs)
+    accepted: set[str] = set()
+    for cls in type.mro(pool.connection_class):
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    unknown = sorted(set(kwargs) - accepted - {"self"})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option of a redis connection")
+    for name in _POSITIVE_SECONDS + _NON_NEGATIVE:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        low_ok = value >= 0 if name in _NON_NEGATIVE else value > 0
+        if not (math.isfinite(value) and low_ok):
+            raise ValueError(f"{name}={value!r} is out of range")
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("redis", "rediss", "valkey", "valkeys"):
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"the database in the path must be a number, not {database!r}")
 
 
 class ConnectionFactory:

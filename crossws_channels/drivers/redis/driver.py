@@ -30,7 +30,13 @@ from typing import Any
 from crossws_channels.errors import ConfigurationError
 
 from ..base import Deliver, Outgoing, Ready
-from .connection import CLOSE_TIMEOUT, CommandConnection, ConnectionFactory, pool_from_url
+from .connection import (
+    CLOSE_TIMEOUT,
+    CommandConnection,
+    ConnectionFactory,
+    check_url_settings,
+    pool_from_url,
+)
 from .options import DRIVER_KEYS, RedisOptions, WireNames
 from .queues import WorkerQueues
 from .resp import bulk
@@ -68,6 +74,7 @@ class RedisDriver:
         if self.options.url is not None:
             try:
                 settings = pool_from_url(self.options.url, self.options.connector)
+                check_url_settings(self.options.url, settings)
             except (ValueError, TypeError) as exc:
                 # redis-py parses the URL and its query string here: a bad port, an
                 # unknown or mistyped option.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -110,6 +111,44 @@ def test_bad_url_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         RedisDriver("i", {"channel": "c", "url": url})
     assert info.value.key == "url"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://h/0?bogus_opt=1", "bogus_opt: not an option of a redis connection"),
+        ("redis://h/0?socket_timeout=-5", "socket_timeout=-5.0 is out of range"),
+        ("redis://h/0?socket_connect_timeout=inf", "socket_connect_timeout=inf is out of range"),
+        ("redis://h/0?health_check_interval=-1", "health_check_interval=-1 is out of range"),
+        ("redis://h/abc", "the database in the path must be a number, not 'abc'"),
+    ],
+)
+def test_a_url_that_would_fail_every_connection_is_refused_at_start_up(url: str, says: str) -> None:
+    """What redis-py's from_url takes but fails on at every connect (an unknown option, a
+    negative timeout), or ignores (a database that is not a number), is refused when the
+    layer is built, naming the setting."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from crossws_channels.layer import BackplaneChannelLayer
+
+    with pytest.raises(ImproperlyConfigured, match=re.escape(says)) as info:
+        BackplaneChannelLayer(driver="redis", channel="c", url=url)
+    assert "['url']" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379/3?socket_timeout=2.5&max_connections=10&health_check_interval=2",
+        "rediss://h:6380/0?ssl_check_hostname=false",
+        "unix:///tmp/redis.sock?db=2",
+        "redis://user:secret@h/",
+        "redis://h?client_name=web",
+    ],
+)
+def test_urls_redis_py_takes_are_still_accepted(url: str) -> None:
+    """The checks refuse only what could never work."""
+    RedisDriver("i", {"channel": "c", "url": url})
 
 
 def test_valkey_scheme_selects_valkey_py() -> None:
