@@ -21,9 +21,11 @@ from .errors import ConfigurationError, ErrorHandler
 
 __all__ = [
     "LAYER_KEYS",
+    "MIN_SECONDS",
     "LayerConfig",
     "build_driver",
     "find_alias",
+    "is_seconds",
     "parse_config",
     "setting_path",
 ]
@@ -52,6 +54,9 @@ DEFAULT_EXPIRY = 60.0
 DEFAULT_GROUP_EXPIRY = 86400.0
 DEFAULT_CAPACITY = 100
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+# The shortest expiry or heartbeat: below it the sweeps and probes that follow these
+# settings would run on every turn of the event loop (1e-9 was accepted once).
+MIN_SECONDS = 0.01
 DEFAULT_HEARTBEAT = 15.0
 DEFAULT_BACKPRESSURE = 1.0
 # A pause longer than this would hold up every channel of a process for too long, and
@@ -106,18 +111,25 @@ def find_alias(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def is_seconds(value: object, minimum: float = MIN_SECONDS) -> bool:
+    """Whether ``value`` is a finite number of seconds, at least ``minimum`` (a bool is
+    not a number here); for the drivers' options too."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value >= minimum
+    )
+
+
 def _positive_number(
     config: Mapping[str, Any], key: str, default: float, alias: str | None
 ) -> float:
     value = config.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_seconds(value):
         raise ConfigurationError(
-            f"{setting_path(alias, key)} must be a positive number of seconds, got {value!r}"
+            f"{setting_path(alias, key)} must be a positive number of seconds (at least "
+            f"{MIN_SECONDS}), got {value!r}"
         )
     return float(value)
 
@@ -219,10 +231,11 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         or not isinstance(heartbeat, (int, float))
         or not math.isfinite(heartbeat)
         or heartbeat < 0
+        or 0 < heartbeat < MIN_SECONDS
     ):
         raise ConfigurationError(
-            f"{setting_path(alias, 'heartbeat')} must be a number of seconds (0 turns the "
-            f"heartbeat off), got {heartbeat!r}"
+            f"{setting_path(alias, 'heartbeat')} must be a number of seconds, at least "
+            f"{MIN_SECONDS} (0 turns the heartbeat off), got {heartbeat!r}"
         )
     resync_type = config.get("resync_type")
     if resync_type is not None and (not isinstance(resync_type, str) or not resync_type):

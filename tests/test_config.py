@@ -83,6 +83,23 @@ def build(config: dict[str, Any], alias: str = "default") -> Any:
         ({"driver": "local", "channel": "app", "namespace": 3}, "['namespace'] must be a string"),
         ({"driver": "local", "channel": "app", "heartbeat": -1}, "['heartbeat'] must be a number"),
         ({"driver": "local", "channel": "app", "heartbeat": "5"}, "['heartbeat'] must be a number"),
+        (
+            {"driver": "local", "channel": "app", "heartbeat": 1e-9},
+            "['heartbeat'] must be a number of seconds, at least 0.01",
+        ),
+        (
+            {"driver": "local", "channel": "app", "expiry": 1e-9},
+            "['expiry'] must be a positive number of seconds (at least 0.01)",
+        ),
+        (
+            {
+                "driver": "pgsql",
+                "channel": "app",
+                "dsn": "postgresql://h/db",
+                "ping_interval": float("inf"),
+            },
+            "['ping_interval'] must be a number of seconds, at least 0.01 and finite",
+        ),
         ({"driver": "local", "channel": "app", "resync_type": ""}, "['resync_type'] must be"),
         ({"driver": "local", "channel": "app", "resync_type": 1}, "['resync_type'] must be"),
     ],

@@ -19,6 +19,7 @@ import psycopg
 from django.utils.module_loading import import_string
 from psycopg import conninfo
 
+from crossws_channels.config import MIN_SECONDS, is_seconds
 from crossws_channels.errors import ConfigurationError
 
 __all__ = [
@@ -166,8 +167,13 @@ def classify_client(value: object, what: str) -> Connector:
 
 def _number(options: Mapping[str, Any], key: str, default: float) -> float:
     value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"must be a positive number of seconds, not {value!r}", key=key)
+    # Shorter than MIN_SECONDS, a timer would fire all the time (a ping per loop turn,
+    # rows expiring as they are written).
+    if not is_seconds(value):
+        raise ConfigurationError(
+            f"must be a number of seconds, at least {MIN_SECONDS} and finite, not {value!r}",
+            key=key,
+        )
     return float(value)
 
 
