@@ -157,10 +157,7 @@ class Inbound:
         if self._up:
             self._up = False
             self._stats.incr("disconnects")
-        if self._subscription.begin():
-            self._reporter.report(error, "subscribe")
-        else:
-            self._reporter.count(error, "subscribe")
+        self._reporter.failed(self._subscription, error, "subscribe")
 
     def connection_made(self) -> None:
         """The subscription is in place: for the first time, or again."""

@@ -180,10 +180,7 @@ class Outbox:
             raise
         except Exception as exc:
             self._stats.incr("dropped.publish", len(batch) - sent)
-            if self._outage.begin():
-                self._reporter.report(exc, "publish")
-            else:
-                self._reporter.count(exc, "publish")
+            self._reporter.failed(self._outage, exc, "publish")
         else:
             self._outage.end()
         finally:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
+from ._health import Outage
 from .errors import ErrorHandler, MalformedMessage, Stage
 
 logger = logging.getLogger("crossws_channels")
@@ -192,6 +193,14 @@ class Reporter:
         """A failure during an outage that was reported when it began: counted only."""
         self._stats.incr(f"errors.{stage}")
         logger.debug("backplane %s still failing: %s", stage, error)
+
+    def failed(self, outage: Outage, error: Exception, stage: Stage) -> None:
+        """A failure of what ``outage`` watches: reported if it starts the outage,
+        counted only while one is under way."""
+        if outage.begin():
+            self.report(error, stage)
+        else:
+            self.count(error, stage)
 
     def _schedule(self, awaitable: Any, stage: Stage) -> None:
         async def run() -> None:

@@ -212,10 +212,7 @@ class WorkerChannels:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    if outage.begin():
-                        self._reporter.report(exc, "subscribe")
-                    else:
-                        self._reporter.count(exc, "subscribe")
+                    self._reporter.failed(outage, exc, "subscribe")
                     await asyncio.sleep(backoff.next())
                     continue
                 if outage.end() is not None:

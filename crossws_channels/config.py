@@ -226,13 +226,7 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
     heartbeat = config.get("heartbeat", DEFAULT_HEARTBEAT)
     if heartbeat is None:
         heartbeat = 0
-    if (
-        isinstance(heartbeat, bool)
-        or not isinstance(heartbeat, (int, float))
-        or not math.isfinite(heartbeat)
-        or heartbeat < 0
-        or 0 < heartbeat < MIN_SECONDS
-    ):
+    if isinstance(heartbeat, bool) or (heartbeat != 0 and not is_seconds(heartbeat)):
         raise ConfigurationError(
             f"{setting_path(alias, 'heartbeat')} must be a number of seconds, at least "
             f"{MIN_SECONDS} (0 turns the heartbeat off), got {heartbeat!r}"
@@ -244,11 +238,7 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
             f"string) or None, got {resync_type!r}"
         )
     backpressure = config.get("backpressure", DEFAULT_BACKPRESSURE)
-    if (
-        isinstance(backpressure, bool)
-        or not isinstance(backpressure, (int, float))
-        or not 0 <= backpressure <= MAX_BACKPRESSURE
-    ):
+    if not (is_seconds(backpressure, 0) and backpressure <= MAX_BACKPRESSURE):
         raise ConfigurationError(
             f"{setting_path(alias, 'backpressure')} must be a number of seconds from 0 (off) "
             f"to {MAX_BACKPRESSURE:g}, got {backpressure!r}"
