@@ -103,7 +103,6 @@ class Inbound:
         *,
         heartbeat: Heartbeat | None,
         resync_type: str | None,
-        expiry: float,
         driver_name: str,
         max_envelope: int,
     ) -> None:
@@ -122,7 +121,6 @@ class Inbound:
         self._reporter = reporter
         self._heartbeat = heartbeat
         self._resync_type = resync_type
-        self._expiry = expiry
         self._driver_name = driver_name
         self.pinger = Pinger()
         self._gaps: SequenceGaps = census.gaps

@@ -102,13 +102,13 @@ class BackplaneChannelLayer(BaseChannelLayer):
         config = self.config
         can = capabilities(driver)
         self._stats = stats = Stats()
-        self._home = home = Home()
-        self._health = health = Health()
+        home = Home()
+        health = Health()
         self._reporter = reporter = Reporter(config.on_error, stats, home)
         self._registry = registry = Registry(self.get_capacity, can.worker_queue, config.expiry)
         self._frames = frames = Frames(self.instance_id, config.namespace)
         self._outbox = outbox = Outbox(home, stats, reporter, health.publishing)
-        self._flow = flow = InboundFlow(config.backpressure, registry.lock, reporter, stats)
+        flow = InboundFlow(config.backpressure, registry.lock, reporter, stats)
         self._windows = windows = SendWindows(config.backpressure)
         self._grants = grants = Grants(frames, outbox)
         self._workers = workers = WorkerChannels(
@@ -140,7 +140,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             connected=lambda: home.loop is not None and health.ok(),
         )
         self._census = census
-        self._heartbeat = heartbeat = self._make_heartbeat(driver, health, flow)
+        heartbeat = self._make_heartbeat(driver, health, flow)
         self._inbound = inbound = Inbound(
             frames,
             registry,
@@ -155,7 +155,6 @@ class BackplaneChannelLayer(BaseChannelLayer):
             reporter,
             heartbeat=heartbeat,
             resync_type=config.resync_type,
-            expiry=config.expiry,
             driver_name=config.driver_name,
             max_envelope=envelope_limit(config.max_message_size),
         )
