@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         MessageTooLarge,
         RelayUnavailable,
         Stage,
+        UnauthenticatedMessage,
     )
     from .layer import BackplaneChannelLayer
 
@@ -74,6 +75,7 @@ __all__ = [
     "SupportsFlush",
     "SupportsWorkerQueue",
     "SyncMessage",
+    "UnauthenticatedMessage",
     "__version__",
     "decode_envelope",
     "encode_envelope",

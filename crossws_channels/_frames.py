@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import itertools
 
+from ._sealing import Sealer
 from .envelope import SyncMessage, encode_frame
 
 __all__ = ["Frames"]
 
 
 class Frames:
-    """Encodes this instance's envelopes (any thread)."""
+    """Encodes this instance's envelopes (any thread), sealed when the cluster signs."""
 
-    def __init__(self, instance_id: str, namespace: str) -> None:
+    def __init__(self, instance_id: str, namespace: str, sealer: Sealer | None = None) -> None:
         self.instance_id = instance_id
         self.namespace = namespace
+        self.sealer = sealer
         # Broadcasts are numbered so that receivers can count what they missed.
         self._broadcasts = itertools.count(1)
 
@@ -26,13 +28,17 @@ class Frames:
         seq: int | None = None,
         ask: bool = False,
     ) -> str:
-        return encode_frame(
+        sealer = self.sealer
+        if sealer is not None and sealer.encrypt:
+            data = sealer.encrypt_data(self.instance_id, topic, data)
+        text = encode_frame(
             self.instance_id,
             SyncMessage(self.namespace, topic, data),
             seq=seq,
             expires=expires,
             ask=ask,
         )
+        return text if sealer is None else sealer.seal(text)
 
     def broadcast(self, topic: str, data: str | bytes) -> str:
         """A frame for every instance, with the next number of this instance's broadcasts."""

@@ -36,7 +36,8 @@ from ._monitor import HEARTBEAT, PING, PONG, Census, Heartbeat, Pinger, Sequence
 from ._outbox import Outbox
 from ._registry import Registry
 from ._reporting import Reporter, Stats
-from .envelope import decode_envelope
+from ._sealing import ReplayGuard, Sealer, Unauthenticated
+from .envelope import SyncMessage, decode_envelope
 from .errors import MalformedMessage, MessagesLost, Stage
 
 logger = logging.getLogger("crossws_channels")
@@ -105,8 +106,13 @@ class Inbound:
         resync_type: str | None,
         driver_name: str,
         max_envelope: int,
+        guard: ReplayGuard | None = None,
     ) -> None:
         self._frames = frames
+        # With signing_keys or encryption_keys: what is not sealed by the cluster, or
+        # seen before, is refused before anything acts on it.
+        self._sealer: Sealer | None = frames.sealer
+        self._guard = guard
         self._max_envelope = max_envelope
         self._instance_id = frames.instance_id
         self._registry = registry
@@ -193,6 +199,13 @@ class Inbound:
                 "oversized",
             )
             return None
+        sealer = self._sealer
+        if sealer is not None:
+            try:
+                opened = sealer.open(raw)
+            except Unauthenticated as exc:
+                self._reporter.drop_unauthenticated(str(exc))
+                return None
         envelope = decode_envelope(raw)
         if envelope is None:
             self._reporter.drop_malformed(
@@ -202,19 +215,32 @@ class Inbound:
         msg = envelope.msg
         topic = msg.topic
         sender = envelope.id
+        data = msg.data
+        if sealer is not None:
+            assert self._guard is not None
+            refusal = self._guard.admit(sender, opened)
+            if refusal is not None:
+                self._reporter.drop_unauthenticated(refusal, "replayed")
+                return None
+            if sealer.encrypt:
+                try:
+                    data = sealer.decrypt_data(opened, sender, topic, data)
+                except Unauthenticated as exc:
+                    self._reporter.drop_unauthenticated(str(exc))
+                    return None
         if sender == self._instance_id:
             # Our own echo: only the control messages we address to ourselves matter.
             if topic[:1] == "!":
-                self._on_control(sender, topic, msg.data)
+                self._on_control(sender, topic, data)
             return None
         self._stats.incr("relayed_in")
         if topic[:1] == "!":
             if envelope.seq is not None:  # a broadcast: numbered per sender
                 self._count_gap(sender, envelope.seq)
-            self._on_control(sender, topic, msg.data)
+            self._on_control(sender, topic, data)
             return None
         if "!" in topic:
-            self._on_direct(sender, topic, msg.data, envelope.seq, envelope.ask)
+            self._on_direct(sender, topic, data, envelope.seq, envelope.ask)
             return None
         if envelope.seq is not None:
             self._count_gap(sender, envelope.seq)
@@ -225,9 +251,11 @@ class Inbound:
         # message (the fan-out or the receiver decodes it); crossws peers' data is
         # checked and wrapped here.
         if envelope.seq is not None:
-            payload = msg.data
+            payload = data
         else:
             try:
+                if data is not msg.data:
+                    msg = SyncMessage(msg.namespace, topic, data)
                 payload = serialize.relayed_payload(msg)
             except Exception as exc:
                 self._reporter.drop_malformed(f"a relayed message for {topic!r}: {exc}")

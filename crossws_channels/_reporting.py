@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
 from ._health import Outage
-from .errors import ErrorHandler, MalformedMessage, Stage
+from .errors import ErrorHandler, MalformedMessage, Stage, UnauthenticatedMessage
 
 logger = logging.getLogger("crossws_channels")
 
@@ -47,6 +47,14 @@ the key overflowed into its kind's shared one."""
 
 def _malformed(subject: str | None, count: int, names: dict[str, int]) -> Exception:
     return MalformedMessage(f"{count} malformed message(s) dropped; " + "; ".join(names))
+
+
+def _unauthenticated(subject: str | None, count: int, names: dict[str, int]) -> Exception:
+    reasons = ", ".join(f"{reason} ({n})" for reason, n in names.items())
+    return UnauthenticatedMessage(
+        f"{count} backplane message(s) refused, not from a holder of the cluster's keys or "
+        f"not new: {reasons}"
+    )
 
 
 @dataclass(slots=True)
@@ -188,6 +196,13 @@ class Reporter:
         is dropped as malformed."""
         self._stats.incr(f"dropped.{kind}")
         self.tally(kind, None, "delivery", _malformed, 1, [what])
+
+    def drop_unauthenticated(self, reason: str, kind: str = "unauthenticated") -> None:
+        """Count (as ``dropped.<kind>``) and report (aggregated, by reason) traffic
+        refused by ``signing_keys``/``encryption_keys``: unsigned, badly signed or
+        replayed."""
+        self._stats.incr(f"dropped.{kind}")
+        self.tally("unauthenticated", None, "delivery", _unauthenticated, 1, [reason])
 
     def count(self, error: Exception, stage: Stage) -> None:
         """A failure during an outage that was reported when it began: counted only."""

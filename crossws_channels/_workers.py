@@ -29,9 +29,10 @@ from ._health import Outage
 from ._home import Home
 from ._registry import Item, Payload, Registry
 from ._reporting import Reporter, Stats
+from ._sealing import ReplayGuard, Unauthenticated
 from ._supervisor import Backoff
 from .drivers.base import Driver, SubscribingDriver, SupportsWorkerQueue
-from .envelope import decode_envelope
+from .envelope import SyncMessage, decode_envelope
 from .errors import MessageExpired
 from .serialize import relayed_payload
 
@@ -63,8 +64,10 @@ class WorkerChannels:
         *,
         expiry: float,
         capacity_for: Callable[[str], int],
+        guard: ReplayGuard | None = None,
     ) -> None:
         self._home = home
+        self._guard = guard if guard is not None else ReplayGuard(expiry)
         self._registry = registry
         self._frames = frames
         self._stats = stats
@@ -230,6 +233,14 @@ class WorkerChannels:
 
     def _take(self, channel: str, item: str) -> bool:
         """Hand an item popped from the queue to a waiting receiver; False to put it back."""
+        sealer = self._frames.sealer
+        opened = None
+        if sealer is not None:
+            try:
+                opened = sealer.open(item)
+            except Unauthenticated as exc:
+                self._reporter.drop_unauthenticated(f"{exc} (an item of {channel!r})")
+                return True
         envelope = decode_envelope(item)
         if envelope is None:
             self._reporter.drop_malformed(f"an item of {channel!r} that is not an envelope")
@@ -238,12 +249,33 @@ class WorkerChannels:
             self._stats.incr("dropped.expired")
             self._reporter.tally("expired", channel, "delivery", _expired, 1, [channel])
             return True
+        msg = envelope.msg
+        if sealer is not None and opened is not None:
+            if envelope.expires is None or envelope.msg.topic != channel:
+                self._reporter.drop_unauthenticated(f"not an item of {channel!r}")
+                return True
+            if sealer.encrypt:
+                try:
+                    data = sealer.decrypt_data(opened, envelope.id, msg.topic, msg.data)
+                except Unauthenticated as exc:
+                    self._reporter.drop_unauthenticated(f"{exc} (an item of {channel!r})")
+                    return True
+                msg = SyncMessage(msg.namespace, msg.topic, data)
         try:
-            payload = relayed_payload(envelope.msg)
+            payload = relayed_payload(msg)
         except ValueError as exc:
             self._reporter.drop_malformed(f"an item of {channel!r}: {exc}")
             return True
+        if opened is not None:
+            assert envelope.expires is not None
+            if not self._guard.delivered_stored(envelope.id, opened.number, envelope.expires):
+                self._reporter.drop_unauthenticated(
+                    f"replayed (an item of {channel!r})", "replayed"
+                )
+                return True
         if self._registry.put_if_wanted(channel, payload):
             self._stats.incr("delivered")
             return True
+        if opened is not None:
+            self._guard.forget_stored(envelope.id, opened.number)
         return False

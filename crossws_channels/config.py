@@ -46,6 +46,9 @@ LAYER_KEYS = frozenset(
         "heartbeat",
         "resync_type",
         "backpressure",
+        "signing_keys",
+        "encryption_keys",
+        "replay_window",
     }
 )
 """Keys the layer uses itself; every other CONFIG key is an option of the driver."""
@@ -62,6 +65,12 @@ DEFAULT_BACKPRESSURE = 1.0
 # A pause longer than this would hold up every channel of a process for too long, and
 # outlast the heartbeat's patience (a paused subscription reads nothing).
 MAX_BACKPRESSURE = 10.0
+# How far a sealed envelope's timestamp may be from the receiver's clock: room for
+# relaying delays (a paused subscription, a backlog) and for clocks that disagree.
+DEFAULT_REPLAY_WINDOW = 60.0
+MIN_REPLAY_WINDOW = 1.0
+# A secret shorter than this is too easy to guess offline from one signed envelope.
+MIN_SECRET_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,15 @@ class LayerConfig:
     heartbeat: float = DEFAULT_HEARTBEAT
     resync_type: str | None = None
     backpressure: float = DEFAULT_BACKPRESSURE
+    signing_keys: tuple[bytes, ...] = ()
+    encryption_keys: tuple[bytes, ...] = ()
+    replay_window: float = DEFAULT_REPLAY_WINDOW
     alias: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """Whether envelopes are signed (and perhaps encrypted)."""
+        return bool(self.signing_keys or self.encryption_keys)
 
 
 def setting_path(alias: str | None, key: str | None = None) -> str:
@@ -170,6 +187,62 @@ def _channel_capacity(value: object, alias: str | None) -> list[tuple[re.Pattern
     return compiled
 
 
+def _secrets(config: Mapping[str, Any], key: str, alias: str | None) -> tuple[bytes, ...]:
+    where = setting_path(alias, key)
+    value = config.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigurationError(
+            f"{where} must be a list of secrets (str or bytes), the first one signing and "
+            f"all of them verifying; got {type(value).__name__}"
+        )
+    if not value:
+        raise ConfigurationError(f"{where} must hold at least one secret (or be left out)")
+    secrets = []
+    for index, secret in enumerate(value):
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        if not isinstance(secret, bytes):
+            raise ConfigurationError(
+                f"{where}[{index}] must be a str or bytes secret, got {type(secret).__name__}"
+            )
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigurationError(
+                f"{where}[{index}] is {len(secret)} bytes long; a secret needs at least "
+                f"{MIN_SECRET_BYTES} (secrets.token_urlsafe(32) makes a good one)"
+            )
+        secrets.append(secret)
+    return tuple(secrets)
+
+
+def _sealing(
+    config: Mapping[str, Any], alias: str | None
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...], float]:
+    signing = _secrets(config, "signing_keys", alias)
+    encryption = _secrets(config, "encryption_keys", alias)
+    if signing and encryption:
+        raise ConfigurationError(
+            f"{setting_path(alias, 'signing_keys')} and {setting_path(alias, 'encryption_keys')} "
+            "are both set: encryption_keys authenticates every envelope too, so set only one"
+        )
+    if encryption:
+        try:
+            import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"{setting_path(alias, 'encryption_keys')} needs the cryptography package "
+                f"(pip install 'crossws_channels[encryption]'): {exc}"
+            ) from exc
+    window = config.get("replay_window", DEFAULT_REPLAY_WINDOW)
+    if not is_seconds(window, MIN_REPLAY_WINDOW):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'replay_window')} must be a number of seconds, at least "
+            f"{MIN_REPLAY_WINDOW:g}, got {window!r}"
+        )
+    return signing, encryption, float(window)
+
+
 def _on_error(value: object, alias: str | None) -> ErrorHandler | None:
     where = setting_path(alias, "on_error")
     if value is None:
@@ -243,6 +316,7 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
             f"{setting_path(alias, 'backpressure')} must be a number of seconds from 0 (off) "
             f"to {MAX_BACKPRESSURE:g}, got {backpressure!r}"
         )
+    signing_keys, encryption_keys, replay_window = _sealing(config, alias)
     factory, driver_name = _driver(config.get("driver"), alias)
     options = {key: value for key, value in config.items() if key not in LAYER_KEYS}
     options["channel"] = channel
@@ -261,6 +335,9 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         heartbeat=float(heartbeat),
         resync_type=resync_type,
         backpressure=float(backpressure),
+        signing_keys=signing_keys,
+        encryption_keys=encryption_keys,
+        replay_window=replay_window,
         alias=alias,
     )
 

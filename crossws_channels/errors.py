@@ -51,6 +51,7 @@ __all__ = [
     "MessagesLost",
     "RelayUnavailable",
     "Stage",
+    "UnauthenticatedMessage",
 ]
 
 Stage: TypeAlias = Literal["subscribe", "publish", "delivery"]
@@ -153,6 +154,12 @@ class BackplaneError(CrosswsChannelsError):
 
 class MalformedMessage(BackplaneError):
     """Traffic on the backplane that is not a valid envelope; it was dropped."""
+
+
+class UnauthenticatedMessage(BackplaneError):
+    """Backplane traffic refused because ``signing_keys`` or ``encryption_keys`` is set
+    and it was unsigned, badly signed, undecryptable, replayed or outside the replay
+    window; it was dropped before anything acted on it."""
 
 
 class MessagesLost(BackplaneError):

@@ -49,6 +49,7 @@ from ._monitor import HEARTBEAT, PING, Census, Heartbeat, Pong, SequenceGaps
 from ._outbox import Outbox
 from ._registry import Payload, Registry
 from ._reporting import Reporter, Stats
+from ._sealing import ReplayGuard, Sealer, derive_keys
 from ._workers import WorkerChannels
 from .config import LayerConfig, build_driver, find_alias, parse_config
 from .drivers.base import Driver, SubscribingDriver, SupportsFlush, capabilities
@@ -73,6 +74,15 @@ def _new_instance_id() -> str:
 
 def _expired(subject: str | None, count: int, names: dict[str, int]) -> Exception:
     return MessageExpired(count, list(names))
+
+
+def _sealing(config: LayerConfig) -> tuple[Sealer | None, ReplayGuard | None]:
+    """The sealer and replay guard for ``signing_keys``/``encryption_keys``, if set."""
+    if not config.sealed:
+        return None, None
+    encrypt = bool(config.encryption_keys)
+    keys = derive_keys(config.encryption_keys or config.signing_keys, encrypt=encrypt)
+    return Sealer(keys, encrypt=encrypt), ReplayGuard(config.replay_window)
 
 
 class BackplaneChannelLayer(BaseChannelLayer):
@@ -106,7 +116,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
         health = Health()
         self._reporter = reporter = Reporter(config.on_error, stats, home)
         self._registry = registry = Registry(self.get_capacity, can.worker_queue, config.expiry)
-        self._frames = frames = Frames(self.instance_id, config.namespace)
+        sealer, guard = _sealing(config)
+        self._frames = frames = Frames(self.instance_id, config.namespace, sealer)
         self._outbox = outbox = Outbox(home, stats, reporter, health.publishing)
         flow = InboundFlow(config.backpressure, registry.lock, reporter, stats)
         self._windows = windows = SendWindows(config.backpressure)
@@ -119,6 +130,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             reporter,
             expiry=config.expiry,
             capacity_for=self.get_capacity,
+            guard=guard,
         )
         self._delivery = delivery = Delivery(
             registry,
@@ -157,6 +169,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             resync_type=config.resync_type,
             driver_name=config.driver_name,
             max_envelope=envelope_limit(config.max_message_size),
+            guard=guard,
         )
         housekeeping = Housekeeping(
             registry,

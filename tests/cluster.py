@@ -24,10 +24,22 @@ from typing import Any
 from tests.agent import CALL_TIMEOUT, RECORD, Agent, AgentError, from_json, operations, to_json
 from tests.loops import OtherLoop
 
-__all__ = ["DRIVERS", "NETWORK_DRIVERS", "Cluster", "ThreadAgent"]
+__all__ = ["DRIVERS", "NETWORK_DRIVERS", "VARIANTS", "Cluster", "ThreadAgent", "variant"]
 
 NETWORK_DRIVERS = ("redis", "pgsql", "multiprocessing")
 DRIVERS = ("local", *NETWORK_DRIVERS)
+# Each driver again with encryption_keys (which signs every envelope too): sealed
+# envelopes must behave exactly like plain ones.
+ENCRYPTED = "+encrypted"
+VARIANTS = (*DRIVERS, *(driver + ENCRYPTED for driver in DRIVERS))
+CLUSTER_KEYS = ["contract-suite-key-" + "k" * 16]
+
+
+def variant(name: str) -> tuple[str, dict[str, Any]]:
+    """The driver of a :data:`VARIANTS` name, and the CONFIG the variant adds."""
+    if name.endswith(ENCRYPTED):
+        return name[: -len(ENCRYPTED)], {"encryption_keys": CLUSTER_KEYS}
+    return name, {}
 
 
 class ThreadAgent:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.cluster import DRIVERS, Cluster
+from tests.cluster import VARIANTS, Cluster, variant
 from tests.servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,11 +78,11 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture(params=DRIVERS)
+@pytest.fixture(params=VARIANTS)
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
-    """Agent processes of one cluster, once per network driver (tests.cluster)."""
-    driver: str = request.param
-    options: dict[str, Any] = {}
+    """Agent processes of one cluster, once per driver, plain and encrypted
+    (tests.cluster)."""
+    driver, options = variant(request.param)
     if driver == "redis":
         options["url"] = request.getfixturevalue("redis_url")
     elif driver == "pgsql":

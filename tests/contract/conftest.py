@@ -18,17 +18,16 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import DRIVERS
+from tests.cluster import VARIANTS, variant
 
 
-@pytest.fixture(params=DRIVERS)
+@pytest.fixture(params=VARIANTS)
 async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     """Build layers on the parametrized driver (CONFIG overrides as keywords)."""
     from crossws_channels.layer import BackplaneChannelLayer
 
-    driver: str = request.param
+    driver, options = variant(request.param)
     channel = f"ct-{uuid.uuid4().hex[:10]}"
-    options: dict[str, Any] = {}
     stack = contextlib.ExitStack()
     if driver == "redis":
         options["url"] = request.getfixturevalue("redis_url")
