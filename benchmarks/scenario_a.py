@@ -31,6 +31,7 @@ from .raw import open_link, pipelined
 from .report import Metric
 from .subjects import (
     CROSS_PROCESS_LAYERS,
+    SEALED_REDIS,
     SUBJECTS,
     close_layer,
     layer_stats,
@@ -48,6 +49,7 @@ STALL_LIMIT = 60.0
 
 
 DEFAULTS = "default settings, unpaced"
+SEALED = "redis, signed and encrypted vs plain, default settings, unpaced"
 TRANSPORT = "transport: capacity 1,000,000, paced"
 
 
@@ -212,6 +214,11 @@ class ScenarioA:
                 )
                 for members, messages in sizes.messages
             ),
+            Case(
+                label(1, SEALED),
+                {"members": 1, "messages": sizes.messages[0][1], "defaults": True},
+                SEALED_REDIS,
+            ),
         ]
 
     def layout(self, case: Case) -> Layout:
@@ -225,7 +232,11 @@ class ScenarioA:
             ),
             primary="rate",
             counts=("sent", "lost", "duplicates", "unreported"),
-            ratio_peers=("redis-pubsub", "redis-core", "channels-postgres", *RAW),
+            ratio_peers=(
+                ("crossws-redis",)
+                if case.subjects == SEALED_REDIS
+                else ("redis-pubsub", "redis-core", "channels-postgres", *RAW)
+            ),
         )
 
     def run(self, case: Case, subject: str, env: Env, sizes: Sizes, trial: int) -> dict[str, float]:

@@ -79,8 +79,27 @@ SUBJECTS: dict[str, Subject] = {
             "pgsql",
             "psycopg, one pg_notify() statement per batch",
         ),
+        Subject(
+            "crossws-redis-signed",
+            "crossws redis signed",
+            "crossws",
+            "redis",
+            "this layer, redis driver, signing_keys",
+        ),
+        Subject(
+            "crossws-redis-encrypted",
+            "crossws redis encrypted",
+            "crossws",
+            "redis",
+            "this layer, redis driver, encryption_keys",
+        ),
     ]
 }
+
+# The same driver with and without sealed envelopes (A: what signing costs).
+SEALED_REDIS = ("crossws-redis", "crossws-redis-signed", "crossws-redis-encrypted")
+# The secret the sealed subjects share (a benchmark's, not a real one).
+BENCHMARK_KEY = "benchmark-only-secret-0123456789"
 
 
 # The channel layers that relay between processes (A, B), in table order.
@@ -133,8 +152,12 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
         from crossws_channels.layer import BackplaneChannelLayer
 
         config: dict[str, Any] = {"channel": scope, **capacity}
-        if key == "crossws-redis":
+        if key.startswith("crossws-redis"):
             config.update(driver="redis", url=env.redis_url)
+            if key == "crossws-redis-signed":
+                config.update(signing_keys=[BENCHMARK_KEY])
+            elif key == "crossws-redis-encrypted":
+                config.update(encryption_keys=[BENCHMARK_KEY])
         elif key == "crossws-pgsql":
             config.update(driver="pgsql", dsn=env.pg_dsn)
         elif key == "crossws-mp":

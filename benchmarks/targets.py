@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .report import render, summarize
-from .scenario_a import DEFAULTS, TRANSPORT, label
+from .scenario_a import DEFAULTS, SEALED, TRANSPORT, label
 from .scenario_e import FLAT_MIB
 from .trials import ScenarioResult
 
@@ -158,6 +158,7 @@ def _b(subject: str, raw: str, metric: str, bound: float) -> Check:
 
 
 A1, A100 = label(1, DEFAULTS), label(100, DEFAULTS)
+S1 = label(1, SEALED)
 T1, T100 = label(1, TRANSPORT), label(100, TRANSPORT)
 
 TARGETS = [
@@ -203,6 +204,22 @@ TARGETS = [
         _ratio("C", "N=1000", "us_per_delivery", "crossws-redis", "redis-pubsub", 0.5, False),
     ),
     Target("redis", "D no dup, no loss, ≥ 3x core, both busy", _worker("crossws-redis")),
+    Target(
+        "redis",
+        "A K=1 signed: ≥ 0.8x plain, no loss",
+        _both(
+            _ratio("A", S1, "rate", "crossws-redis-signed", "crossws-redis", 0.8, True),
+            _lossless(S1, "crossws-redis-signed"),
+        ),
+    ),
+    Target(
+        "redis",
+        "A K=1 encrypted: ≥ 0.7x plain, no loss",
+        _both(
+            _ratio("A", S1, "rate", "crossws-redis-encrypted", "crossws-redis", 0.7, True),
+            _lossless(S1, "crossws-redis-encrypted"),
+        ),
+    ),
     Target("pgsql", "A K=1 defaults, unpaced: no loss", _lossless(A1, "crossws-pgsql")),
     Target(
         "pgsql",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from channels.layers import BaseChannelLayer
@@ -48,6 +49,30 @@ __all__ = ["GROUP_ADD", "GROUP_DISCARD", "Inbound"]
 GROUP_ADD = "!add"
 GROUP_DISCARD = "!discard"
 INSTANCE_ID_LENGTH = 12
+# Pings answered: far more than operators' tools send (a check or a status page asks
+# every few seconds), far fewer than a flood.
+PING_ANSWERS_PER_SECOND = 10.0
+PING_ANSWER_BURST = 20
+
+
+class TokenBucket:
+    """At most ``rate`` events a second on average, ``burst`` at once (home loop only)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
 
 # Channels' name rules, for names that arrive from the backplane.
 _names = BaseChannelLayer()
@@ -129,6 +154,7 @@ class Inbound:
         self._resync_type = resync_type
         self._driver_name = driver_name
         self.pinger = Pinger()
+        self._ping_budget = TokenBucket(PING_ANSWERS_PER_SECOND, PING_ANSWER_BURST)
         self._gaps: SequenceGaps = census.gaps
         self._up = False
         # Our own envelopes start with this (a pub/sub backplane echoes them back to us):
@@ -351,6 +377,11 @@ class Inbound:
                 self._grants.send([credit])
 
     def _answer_ping(self, sender: str, data: str) -> None:
+        if not self._ping_budget.take():
+            # One ping makes every instance answer: bounded, so that a flood of pings (on
+            # a cluster without signing_keys, anyone's) can't make the cluster flood back.
+            self._stats.incr("dropped.pings")
+            return
         try:
             request = json.loads(data)
             token = request["token"]

@@ -69,7 +69,8 @@ class Outbox:
         """Queue one envelope (for instance ``target``, or every instance). Never raises
         for backplane failures. From the home loop this returns once it is queued (it
         waits only when the queue is over its high water); from another loop, once it is
-        written, so that a command or sync view that sends and exits has really sent."""
+        written, so that a command or sync view that sends and exits has really sent
+        (unless relaying is known to be failing: then it returns at once)."""
         home = self._home.loop
         if home is None:
             return
@@ -78,6 +79,16 @@ class Outbox:
             self._wake_up()
             if len(self._queue) >= HIGH_WATER:
                 await self._wait_for_room()
+            return
+        if self._outage.active:
+            # Relaying is known to be failing (and was reported): a sync view or command
+            # must not wait for each attempt to fail too. The message goes with the next
+            # attempt; past the high water it is dropped and counted instead of queued.
+            if len(self._queue) >= HIGH_WATER:
+                self._stats.incr("dropped.publish")
+                return
+            self._queue.append(_Outgoing(target, text))
+            self._home.call_soon(self._wake_up)
             return
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._queue.append(_Outgoing(target, text, done))

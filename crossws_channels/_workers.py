@@ -78,6 +78,9 @@ class WorkerChannels:
         self._fetchers: dict[str, asyncio.Task[None]] = {}
         self._wanted: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # pushes and returns in flight
+        # Pushes that fail one after another (the server is down, or refuses the queue)
+        # are one outage: reported once, each lost message counted.
+        self._pushing = Outage("worker-channel pushes")
 
     def bind(self, driver: Driver | SubscribingDriver) -> None:
         """Use ``driver`` from now on (the backplane starts with it)."""
@@ -117,8 +120,9 @@ class WorkerChannels:
             pushed = await self._home.run(push)
         except Exception as exc:
             self._stats.incr("dropped.publish")
-            self._reporter.report(exc, "publish")
+            self._reporter.failed(self._pushing, exc, "publish")
             return True
+        self._pushing.end()
         self._stats.incr("published" if pushed else "dropped.full")
         return pushed
 
@@ -162,7 +166,9 @@ class WorkerChannels:
                 raise
             except Exception as exc:
                 logger.debug("%s failed", description, exc_info=exc)
-                self._reporter.report(exc, "publish")
+                self._reporter.failed(self._pushing, exc, "publish")
+            else:
+                self._pushing.end()
 
         def start() -> None:
             if self._driver is not None:

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from .drivers import BUILTIN, Driver, DriverFactory, SubscribingDriver, resolve_factory
-from .drivers.base import DeclaresOptions
+from .drivers.base import DeclaresLimits, DeclaresOptions
 from .errors import ConfigurationError, ErrorHandler
 
 __all__ = [
@@ -342,6 +342,16 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
     )
 
 
+def _check_capacities(config: LayerConfig, limit: int) -> None:
+    reason = f"is more than the {config.driver_name!r} driver can store ({limit})"
+    if config.capacity > limit:
+        raise ConfigurationError(f"{setting_path(config.alias, 'capacity')} {reason}")
+    for pattern, capacity in config.channel_capacity:
+        if capacity > limit:
+            where = setting_path(config.alias, "channel_capacity")
+            raise ConfigurationError(f"{where}[{pattern.pattern!r}] {reason}")
+
+
 def build_driver(config: LayerConfig, instance_id: str) -> Driver | SubscribingDriver:
     """Call the driver factory; its option errors come back naming the setting.
 
@@ -358,6 +368,8 @@ def build_driver(config: LayerConfig, instance_id: str) -> Driver | SubscribingD
                     f"{', '.join(sorted(LAYER_KEYS))}; the {config.driver_name!r} driver's "
                     f"options are: {options}"
                 )
+    if isinstance(config.driver, DeclaresLimits):
+        _check_capacities(config, config.driver.MAX_CAPACITY)
     try:
         return config.driver(instance_id, config.options)
     except ConfigurationError as exc:

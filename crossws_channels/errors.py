@@ -11,10 +11,13 @@ The tree::
     ├── ChannelStalled          reported: a full channel's consumer stopped reading
     └── BackplaneError
         ├── MalformedMessage    reported: backplane traffic that could not be decoded
+        ├── UnauthenticatedMessage  reported: traffic not sealed by the cluster's keys
         ├── MessagesLost        reported: a sender's sequence numbers skipped some
         ├── DeafSubscription    reported: the subscription stopped receiving
         ├── RelayUnavailable    the multiprocessing relay cannot be reached
-        └── BackplaneOverloaded reported: the outbox was full, messages were dropped
+        ├── BackplaneOverloaded reported: the outbox was full, messages were dropped
+        ├── ForeignObject       reported: pgsql found a table or function it did not create
+        └── NotificationQueueFilling  reported: PostgreSQL's NOTIFY queue is over half full
 
 ``MessageTooLarge`` and ``ConfigurationError`` are raised to the caller. The others are
 never raised into ``send``/``group_send``: the layer hands them to the ``on_error`` hook
@@ -44,11 +47,13 @@ __all__ = [
     "CrosswsChannelsError",
     "DeafSubscription",
     "ErrorHandler",
+    "ForeignObject",
     "MalformedMessage",
     "MessageExpired",
     "MessageTooLarge",
     "MessagesDropped",
     "MessagesLost",
+    "NotificationQueueFilling",
     "RelayUnavailable",
     "Stage",
     "UnauthenticatedMessage",
@@ -191,3 +196,13 @@ class RelayUnavailable(BackplaneError):
 
 class BackplaneOverloaded(BackplaneError):
     """Messages waited too long to be relayed out and were dropped."""
+
+
+class ForeignObject(BackplaneError):
+    """The pgsql driver found a table or function under one of its names that it did not
+    create (another role owns it); it refuses to use it."""
+
+
+class NotificationQueueFilling(BackplaneError):
+    """PostgreSQL's notification queue is more than half full: a listener somewhere (in a
+    long transaction, or too slow) holds it back; once full, every NOTIFY fails."""

@@ -193,6 +193,26 @@ async def test_a_forged_ping_gets_no_answer(signed_pair: Any, redis_url: str) ->
         assert tap.topics().count("!pong") == 2
 
 
+@pytest.mark.redis
+async def test_without_keys_a_flood_of_pings_gets_a_bounded_number_of_answers(
+    make_layer: Any, redis_url: str
+) -> None:
+    """Without signing anyone can ping; a ping flood still makes each instance answer
+    at most its burst plus its rate."""
+    layer = make_layer(driver="redis", url=redis_url)
+    await member(layer)
+    request = json.dumps({"token": "t0k3n", "stats": True})
+    async with Tap(redis_url, layer.config.channel) as tap:
+        started = asyncio.get_running_loop().time()
+        await tap.publish(*[forged("rogue1234567", "!ping", request, seq=None)] * 500)
+        await eventually_async(
+            lambda: layer.stats().get("dropped.pings", 0) + tap.topics().count("!pong") == 500,
+            what="every ping answered or refused",
+        )
+        seconds = asyncio.get_running_loop().time() - started
+    assert tap.topics().count("!pong") <= 20 + 10 * seconds + 1
+
+
 # Replays
 
 

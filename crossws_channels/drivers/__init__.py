@@ -14,6 +14,7 @@ from django.utils.module_loading import import_string
 from .base import (
     Capabilities,
     DeclaresEcho,
+    DeclaresLimits,
     DeclaresOptions,
     Deliver,
     Driver,
@@ -32,6 +33,7 @@ __all__ = [
     "BUILTIN",
     "Capabilities",
     "DeclaresEcho",
+    "DeclaresLimits",
     "DeclaresOptions",
     "Deliver",
     "Driver",

@@ -25,6 +25,7 @@ from ..errors import Stage
 __all__ = [
     "Capabilities",
     "DeclaresEcho",
+    "DeclaresLimits",
     "DeclaresOptions",
     "Deliver",
     "Driver",
@@ -134,6 +135,15 @@ class DeclaresOptions(Protocol):
     layer then rejects any other key, naming the setting and the known ones."""
 
     OPTIONS: frozenset[str]
+
+
+@runtime_checkable
+class DeclaresLimits(Protocol):
+    """A factory whose drivers store capacities in a bounded type (a PostgreSQL
+    ``integer``): the layer refuses a larger ``capacity`` or ``channel_capacity`` at
+    start-up, naming the setting, instead of every push failing later."""
+
+    MAX_CAPACITY: int
 
 
 @runtime_checkable

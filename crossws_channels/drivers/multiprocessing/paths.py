@@ -1,7 +1,8 @@
 """Where a multiprocessing relay listens, and who may talk to it.
 
 A relay listens on a Unix domain socket in a private directory,
-``<socket_dir>/crossws_channels-<uid>/``, mode 0700 and owned by the user. The socket's
+``<socket_dir>/crossws_channels-<uid>/``, mode 0700 and owned by the user (``socket_dir``
+is ``$XDG_RUNTIME_DIR`` by default, or ``/tmp`` without one). The socket's
 name is derived from the cluster's ``channel``, so two clusters on one host never meet,
 and the directory is per user, so the relays of two users never meet either. Both ends
 also check the other's user id on the connected socket where the platform tells it
@@ -42,7 +43,21 @@ class UnsafeDirectory(PermissionError):
 
 
 def default_socket_dir() -> Path:
-    """The system's temporary directory (``TMPDIR`` or ``/tmp``)."""
+    """``$XDG_RUNTIME_DIR`` when it is set and private to this user, else the system's
+    temporary directory (``TMPDIR`` or ``/tmp``).
+
+    The runtime directory (``/run/user/<uid>``, made by systemd-logind) is this user's
+    alone, so no other user can create the relay's directory in it first and keep the
+    relay from starting, as anyone can in ``/tmp``.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        try:
+            check_private_dir(Path(runtime))
+        except OSError:
+            pass  # not there, or not private: the spec says to fall back
+        else:
+            return Path(runtime)
     return Path(tempfile.gettempdir())
 
 

@@ -41,22 +41,27 @@ class PgsqlDriver:
     ``options`` (from CONFIG): ``channel``; ``dsn``, or ``client`` (a
     ``psycopg.AsyncConnection``, an asyncpg connection, or the dotted path of a function,
     sync or async, returning one); optionally ``connector`` (``"psycopg"`` or
-    ``"asyncpg"``), ``application_name``, ``large_message_ttl`` and ``ping_interval``.
+    ``"asyncpg"``), ``application_name``, ``large_message_ttl``, ``ping_interval``,
+    ``schema`` and ``statement_timeout``.
     """
+
+    # Worker-queue capacities travel as a PostgreSQL integer.
+    MAX_CAPACITY = 2**31 - 1
 
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         self.options = PgsqlOptions.from_mapping(options)
         if not isinstance(instance_id, str) or not instance_id:
             raise ConfigurationError("the instance id must be a non-empty string")
         self.instance_id = instance_id
-        self.names = Names.for_instance(self.options.channel, instance_id)
+        self.names = Names.for_instance(self.options.channel, instance_id, self.options.schema)
         sql = Statements.for_names(self.names)
         opener = Opener(self.options)
         tables = Tables(sql)
         # Publishing and large-message reads on one connection, worker queues on another,
         # so a burst of queue traffic never delays the relay.
-        self._out = Link(opener)
-        self._work = Link(opener)
+        limit = self.options.statement_timeout
+        self._out = Link(opener, limit)
+        self._work = Link(opener, limit)
         self._queues = Queues(self._work, tables, sql, self.names)
         self._relay = Relay(self.options, self.names, sql, opener, self._out, tables, self._queues)
         self._closed = False

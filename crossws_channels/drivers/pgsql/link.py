@@ -9,11 +9,48 @@ from typing import Any, TypeVar
 
 from .session import Opener, Session
 
-__all__ = ["Link", "close_quietly", "first_line"]
+__all__ = ["Link", "StatementTimeout", "close_quietly", "first_line", "within"]
 
 logger = logging.getLogger("crossws_channels.drivers.pgsql")
 
 T = TypeVar("T")
+
+
+class StatementTimeout(TimeoutError):
+    """A statement got no answer within ``statement_timeout``; its connection is closed."""
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def within(
+    session: Session, work: Awaitable[T], limit: float, what: str = "a statement"
+) -> T:
+    """``await work`` (statements on ``session``), or shut the session down and raise
+    :class:`StatementTimeout` if it takes longer than ``limit`` seconds.
+
+    A half-open connection (a dead NAT entry, a frozen server) never fails by itself:
+    the statement would wait for TCP to give up, a quarter of an hour. Not
+    ``asyncio.wait_for``: cancelling a statement in flight makes psycopg ask the server
+    to cancel it and wait for that, over the same connection that hangs.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if done:
+        return task.result()
+    task.add_done_callback(_retrieve)
+    session.abort()  # the statement fails now; the connection is freed once it has
+    raise StatementTimeout(
+        f"{what} got no answer from PostgreSQL within {limit:g} s (statement_timeout); "
+        "the connection was closed"
+    )
 
 
 class Link:
@@ -23,8 +60,9 @@ class Link:
     refuses concurrent use, and psycopg transactions from interleaving.
     """
 
-    def __init__(self, opener: Opener) -> None:
+    def __init__(self, opener: Opener, limit: float) -> None:
         self._opener = opener
+        self._limit = limit
         self._session: Session | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
@@ -48,7 +86,10 @@ class Link:
                 raise RuntimeError("this pgsql driver is closed")
             session = await self._get()
             try:
-                return await op(session, *args)
+                return await within(session, op(session, *args), self._limit)
+            except StatementTimeout:
+                self._session = None
+                raise
             except asyncio.CancelledError:
                 # The statement may be half-way through the protocol: never reuse it.
                 # (It has returned: the session only frees the connection when idle.)

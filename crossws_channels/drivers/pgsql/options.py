@@ -43,6 +43,11 @@ IDENTIFIER_LIMIT = 63
 DEFAULT_APPLICATION_NAME = "crossws_channels"
 DEFAULT_LARGE_MESSAGE_TTL = 60.0
 DEFAULT_PING_INTERVAL = 10.0
+DEFAULT_SCHEMA = "public"
+# Longer than any statement of the driver takes on a working server (a push waits its turn
+# on a channel's lock, a publish writes one batch); past it the connection is taken as
+# frozen (a half-open TCP connection never errors by itself) and replaced.
+DEFAULT_STATEMENT_TIMEOUT = 5.0
 
 # Raw cursors ($1 placeholders) and notifies(timeout=...) came in 3.2; notifications that
 # arrive between two notifies() calls are kept since 3.2.4.
@@ -57,6 +62,8 @@ _KNOWN_KEYS = frozenset(
         "application_name",
         "large_message_ttl",
         "ping_interval",
+        "schema",
+        "statement_timeout",
     }
 )
 
@@ -100,11 +107,13 @@ class Names:
     queue_table: str
     large_table: str
     push_function: str
+    schema: str = DEFAULT_SCHEMA
 
     @classmethod
-    def for_instance(cls, channel: str, instance_id: str) -> Names:
+    def for_instance(cls, channel: str, instance_id: str, schema: str = DEFAULT_SCHEMA) -> Names:
         queue_table, large_table = table_names(channel)
         return cls(
+            schema=schema,
             broadcast=channel,
             direct=direct_channel(channel, instance_id),
             wakeup=f"crossws.wakeup.{_digest('wakeup', channel, size=12)}",
@@ -190,6 +199,8 @@ class PgsqlOptions:
     application_name: str | None
     large_message_ttl: float
     ping_interval: float
+    schema: str = DEFAULT_SCHEMA
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> PgsqlOptions:
@@ -268,7 +279,19 @@ class PgsqlOptions:
             application_name=application_name,
             large_message_ttl=_number(options, "large_message_ttl", DEFAULT_LARGE_MESSAGE_TTL),
             ping_interval=_number(options, "ping_interval", DEFAULT_PING_INTERVAL),
+            schema=_schema(options.get("schema", DEFAULT_SCHEMA)),
+            statement_timeout=_number(options, "statement_timeout", DEFAULT_STATEMENT_TIMEOUT),
         )
+
+
+def _schema(value: object) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigurationError(f"must be the name of a schema, not {value!r}", key="schema")
+    if len(value.encode("utf-8")) > IDENTIFIER_LIMIT:
+        raise ConfigurationError(
+            f"is longer than a PostgreSQL identifier ({IDENTIFIER_LIMIT} bytes)", key="schema"
+        )
+    return value
 
 
 def _check_psycopg_version(version: str) -> None:

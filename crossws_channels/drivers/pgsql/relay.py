@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from crossws_channels.errors import BackplaneError
 
 from ..base import Deliver, Outgoing, Ready
-from .link import Link, close_quietly, first_line
+from .link import Link, close_quietly, first_line, within
 from .options import NOTIFY_LIMIT, Names, PgsqlOptions, direct_channel
 from .queues import Queues
 from .session import PING_TIMEOUT, ConnectionLost, Opener, Session, sqlstate
 from .sql import LARGE_PREFIX, NOTIFY_ONE, Statements
 from .tables import UNDEFINED_TABLE, Tables, fetch
+from .watch import QueueWatch
 
 __all__ = ["Relay"]
 
@@ -72,6 +73,7 @@ class Relay:
         self._opener = opener
         # Publishing and large-message reads; the queues have a link of their own.
         self._link = link
+        self._watch = QueueWatch(link, options.ping_interval)
         self._tables = tables
         self._queues = queues
         self._deliver: Deliver | None = None
@@ -165,6 +167,7 @@ class Relay:
         self._queues.report = deliver.report
         self._listening = session
         failed = True
+        watch = asyncio.ensure_future(self._watch.run(deliver.report))
         try:
             self._queues.listening = True
             ready()
@@ -183,9 +186,11 @@ class Relay:
             )
             raise
         finally:
+            watch.cancel()
             self._queues.listening = False
             self._listening = None
             await self._dispose(session, failed=failed)
+            await asyncio.gather(watch, return_exceptions=True)
 
     async def _open_listener(self) -> Session:
         session = None if self._user_session_spent else self._opener.user_session()
@@ -197,7 +202,12 @@ class Relay:
             session = await self._opener.open()
         names = self._names
         try:
-            await session.listen([names.broadcast, names.direct, names.wakeup])
+            await within(
+                session,
+                session.listen([names.broadcast, names.direct, names.wakeup]),
+                self._options.statement_timeout,
+                "LISTEN",
+            )
         except BaseException:
             await self._dispose(session, failed=True)
             raise

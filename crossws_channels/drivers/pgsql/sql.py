@@ -1,7 +1,8 @@
 """The SQL the pgsql driver runs, with its table names quoted in once per driver.
 
 Values always travel as ``$n`` parameters; the only names in the text are the cluster's
-two tables (and their index) and its push function, derived from ``channel`` and quoted by
+two tables (and their index) and its push function, derived from ``channel``, qualified by
+``schema`` (so no object earlier in a ``search_path`` is ever picked instead) and quoted by
 psycopg. Both libraries run the same text: asyncpg natively, psycopg through a raw cursor.
 """
 
@@ -25,11 +26,21 @@ NOTIFY_ONE = "SELECT pg_notify($1::text, $2::text)"
 # still fail on the catalog's unique index.
 DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('crossws_channels tables', 0))"
 
-# $1 queue table, $2 large-message table, $3 push function signature.
-OBJECTS_EXIST = (
-    "SELECT to_regclass($1::text) IS NOT NULL, to_regclass($2::text) IS NOT NULL, "
-    "to_regprocedure($3::text) IS NOT NULL"
+# $1 a qualified table name. Whether it exists, its owner, and whether this session's
+# role may act as that owner (is it, or a member of it).
+TABLE_FOUND = (
+    "SELECT c.relowner::regrole::text, pg_catalog.pg_has_role(c.relowner, 'MEMBER'), "
+    "c.relkind::text FROM pg_catalog.pg_class AS c WHERE c.oid = to_regclass($1::text)"
 )
+# $1 a qualified function signature: its owner, as above, its body and its settings.
+FUNCTION_FOUND = (
+    "SELECT p.proowner::regrole::text, pg_catalog.pg_has_role(p.proowner, 'MEMBER'), "
+    "p.prosrc, coalesce(p.proconfig, '{}')::text[] FROM pg_catalog.pg_proc AS p "
+    "WHERE p.oid = to_regprocedure($1::text)"
+)
+# Every function of the driver runs with this search_path, whoever calls it: nothing in
+# a schema another role can write to can stand in for what its body calls.
+FUNCTION_SEARCH_PATH = "pg_catalog, pg_temp"
 
 # A push wakes waiting receivers if the queue had fewer rows than this (see _push_function).
 WAKE_BELOW = 8
@@ -38,9 +49,12 @@ WAKE_BELOW = 8
 PUSH_ARGUMENTS = "text, integer, text, double precision, text"
 
 
-def _render(template: str, **identifiers: str) -> str:
+def _render(template: str, **identifiers: str | tuple[str, str]) -> str:
     composed = sql.SQL(template).format(
-        **{key: sql.Identifier(value) for key, value in identifiers.items()}
+        **{
+            key: sql.Identifier(*value) if isinstance(value, tuple) else sql.Identifier(value)
+            for key, value in identifiers.items()
+        }
     )
     return composed.as_string(None)
 
@@ -73,11 +87,19 @@ def _push_function(names: Names, queue: str, push: str) -> str:
     # until it finds the queue empty, and if its caller stops first, its driver sends the
     # wake-up (HANDOFF_DELAY in pgsql.py); beyond that, waiting receivers look again every
     # second.
-    lock_key = sql.Literal(f"{names.queue_table}:").as_string(None)
     return (
         f"CREATE OR REPLACE FUNCTION {push}("
         "p_channel text, p_capacity integer, p_item text, p_ttl double precision, "
-        "p_wakeup text) RETURNS integer[] LANGUAGE plpgsql AS $crossws$\n"
+        "p_wakeup text) RETURNS integer[] LANGUAGE plpgsql "
+        f"SET search_path = {FUNCTION_SEARCH_PATH} AS $crossws${push_body(names, queue)}$crossws$"
+    )
+
+
+def push_body(names: Names, queue: str) -> str:
+    """The push function's body, as the server keeps it (``pg_proc.prosrc``)."""
+    lock_key = sql.Literal(f"{names.queue_table}:").as_string(None)
+    return (
+        "\n"
         "DECLARE\n"
         "    lo bigint;\n"
         "    hi bigint;\n"
@@ -113,7 +135,6 @@ def _push_function(names: Names, queue: str, push: str) -> str:
         "    END IF;\n"
         "    RETURN ARRAY[1, purged];\n"
         "END\n"
-        "$crossws$"
     )
 
 
@@ -124,6 +145,7 @@ class Statements:
     queue: str
     large: str
     push_signature: str
+    push_body: str
     create_queue: tuple[str, ...]
     create_push: tuple[str, ...]
     create_large: tuple[str, ...]
@@ -139,14 +161,21 @@ class Statements:
 
     @classmethod
     def for_names(cls, names: Names) -> Statements:
-        q = {"q": names.queue_table}
-        large = {"l": names.large_table, "lx": names.large_table + "_expires"}
+        schema = names.schema
+        q = {"q": (schema, names.queue_table)}
+        large_table = (schema, names.large_table)
+        # An index is created in its table's schema: its name is not qualified.
+        large: dict[str, str | tuple[str, str]] = {
+            "l": large_table,
+            "lx": names.large_table + "_expires",
+        }
         queue = _render("{q}", **q)
-        push = _render("{f}", f=names.push_function)
+        push = _render("{f}", f=(schema, names.push_function))
         return cls(
             queue=queue,
-            large=_render("{l}", l=names.large_table),
+            large=_render("{l}", l=large_table),
             push_signature=f"{push}({PUSH_ARGUMENTS})",
+            push_body=push_body(names, queue),
             # UNLOGGED: the rows are transient relay traffic; skipping the WAL makes every
             # push and pop cheaper, and a crash (which empties these tables) loses only
             # messages that at-most-once delivery already allows to be lost.
@@ -182,12 +211,12 @@ class Statements:
                         payload text NOT NULL,
                         expires timestamptz NOT NULL
                     )""",
-                    l=names.large_table,
+                    l=large_table,
                 ),
                 _render("CREATE INDEX {lx} ON {l} (expires)", **large),
                 _comment(
                     "TABLE",
-                    _render("{l}", l=names.large_table),
+                    _render("{l}", l=large_table),
                     f"crossws_channels messages too large for NOTIFY, cluster {names.broadcast!r}",
                 ),
             ),
@@ -259,12 +288,12 @@ class Statements:
                     RETURNING id
                 )
                 SELECT id, pg_notify($3::text, $4::text || id) FROM added""",
-                l=names.large_table,
+                l=large_table,
             ),
-            large_get=_render("SELECT payload FROM {l} WHERE id = $1::bigint", l=names.large_table),
+            large_get=_render("SELECT payload FROM {l} WHERE id = $1::bigint", l=large_table),
             large_take=_render(
-                "DELETE FROM {l} WHERE id = $1::bigint RETURNING payload", l=names.large_table
+                "DELETE FROM {l} WHERE id = $1::bigint RETURNING payload", l=large_table
             ),
             flush_queue=_render("DELETE FROM {q}", **q),
-            flush_large=_render("DELETE FROM {l}", l=names.large_table),
+            flush_large=_render("DELETE FROM {l}", l=large_table),
         )

@@ -1115,3 +1115,69 @@ def test_setup_primary_is_a_no_op_in_a_spawned_child(
     )
     assert result.returncode == 0, result.stderr
     assert not paths.lock_path(channel, socket_dir).exists()
+
+
+# The default socket directory
+
+
+def test_the_default_socket_dir_is_the_users_runtime_dir_when_private(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tempfile
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    os.chmod(runtime, 0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert paths.default_socket_dir() == runtime
+    os.chmod(runtime, 0o755)  # not private: as if unset
+    assert paths.default_socket_dir() == Path(tempfile.gettempdir())
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
+    assert paths.default_socket_dir() == Path(tempfile.gettempdir())
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
+    assert paths.default_socket_dir() == Path(tempfile.gettempdir())
+
+
+async def test_a_relay_and_layers_meet_in_the_runtime_dir_without_socket_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A relay process started with only ``--channel`` and layers configured with only
+    ``channel`` find each other in ``$XDG_RUNTIME_DIR``; nothing goes to /tmp."""
+    import tempfile
+
+    from crossws_channels.layer import BackplaneChannelLayer
+
+    runtime = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    os.chmod(runtime, 0o700)
+    channel = f"xdg-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "crossws_channels.relay",
+        "--channel",
+        channel,
+        env=child_env(XDG_RUNTIME_DIR=str(runtime)),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    layers: list[BackplaneChannelLayer] = []
+    try:
+        socket_file = paths.socket_path(channel, runtime)
+        await eventually_async(socket_file.exists, what="the relay's socket in the runtime dir")
+        assert not paths.socket_path(channel, Path(tempfile.gettempdir())).exists()
+        layers = [
+            BackplaneChannelLayer(driver="multiprocessing", channel=channel) for _ in range(2)
+        ]
+        member = await layers[1].new_channel()
+        await layers[1].group_add("room", member)
+        await layers[0].new_channel()
+        await layers[0].group_send("room", {"type": "hello"})
+        assert (await asyncio.wait_for(layers[1].receive(member), 5))["type"] == "hello"
+    finally:
+        for layer in layers:
+            await layer.close()
+        relay.terminate()
+        await asyncio.wait_for(relay.wait(), 10)
+        shutil.rmtree(runtime, ignore_errors=True)

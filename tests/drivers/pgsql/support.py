@@ -21,9 +21,11 @@ from crossws_channels.drivers.pgsql.options import Names
 from crossws_channels.drivers.pgsql.sql import PUSH_ARGUMENTS
 from tests.drivers.collector import Collector
 from tests.drivers.listening import listen
+from tests.servers import free_port
 
 __all__ = [
     "Cluster",
+    "FreezingProxy",
     "admin_query",
     "backends",
     "drop_tables",
@@ -149,3 +151,63 @@ def no_leftover_tables(dsn: str, channel: str) -> Iterator[None]:
         yield
     finally:
         drop_tables(dsn, channel)
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can go silent: data stops flowing, nothing closes.
+
+    That is what a dead NAT entry or a half-open connection looks like to the driver:
+    only its idle ping can notice.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._frozen: set[int] = set()
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    @property
+    def connections(self) -> int:
+        """Connections made through the proxy so far."""
+        return len(self._pairs)
+
+    def freeze(self) -> None:
+        """Silence every connection open now; new ones flow normally."""
+        self._frozen.update(id(pair) for pair in self._pairs)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        pair = (writer, up_writer)
+        self._pairs.append(pair)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink, id(pair)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, key: int
+    ) -> None:
+        with contextlib.suppress(Exception):
+            while data := await source.read(65536):
+                if key not in self._frozen:
+                    sink.write(data)
+                    await sink.drain()
+        with contextlib.suppress(Exception):
+            sink.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for a, b in self._pairs:
+            a.close()
+            b.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()

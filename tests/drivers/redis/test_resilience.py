@@ -221,3 +221,41 @@ async def test_redis_down_at_start_then_up(redis_server: RedisServer) -> None:
         assert got.made == 0
     finally:
         await driver.close()
+
+
+async def test_sync_callers_do_not_wait_out_every_failure_of_a_known_outage(
+    redis_server: RedisServer, make_layer: Any, errors: Any
+) -> None:
+    """A view calling group_send through async_to_sync while Redis hangs: the first call
+    waits for the socket timeout, the ones after it return at once (local delivery
+    included), the outage is reported once, and relaying resumes when Redis answers."""
+    from asgiref.sync import async_to_sync
+
+    layer = make_layer(
+        driver="redis", url=f"{redis_server.url}?socket_timeout=1", heartbeat=0, on_error=errors
+    )
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    await layer.group_send("room", {"type": "before"})
+    await eventually_async(lambda: layer.stats().get("published") == 1, what="relayed")
+    assert redis_server.process is not None
+    calls: list[float] = []
+
+    def view() -> None:
+        group_send = async_to_sync(layer.group_send)
+        for n in range(20):
+            started = time.monotonic()
+            group_send("room", {"type": "during", "n": n})
+            calls.append(time.monotonic() - started)
+
+    with paused(redis_server.process.pid):
+        await asyncio.get_running_loop().run_in_executor(None, view)
+        got = [await asyncio.wait_for(layer.receive(channel), 1) for _ in range(21)]
+    assert [m.get("n") for m in got[1:]] == list(range(20))
+    # The first call waits for its write to fail (the socket timeout), the rest don't.
+    assert calls[0] < 3 and sum(calls[1:]) < 1.0, calls
+    assert len([e for e, stage in errors.calls if stage == "publish"]) == 1
+    published = layer.stats()["published"]
+    await layer.group_send("room", {"type": "after"})
+    await eventually_async(lambda: layer.stats()["published"] > published, what="relaying again")
+    assert layer.stats()["connected"]
