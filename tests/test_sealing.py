@@ -444,13 +444,24 @@ def test_the_replay_guard_takes_reordered_numbers_once() -> None:
     assert at(8 + NUMBER_WINDOW, timestamp=1000.0 + 61) == "outside the replay window"
 
 
-def test_the_replay_guard_forgets_only_senders_whose_envelopes_have_all_expired() -> None:
+def test_the_replay_guard_forgets_expired_senders_first_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("crossws_channels._sealing.MAX_SENDERS", 2)
     guard = ReplayGuard(60)
     key = derive_keys([OLD.encode()], encrypt=False)[0]
-    assert guard.admit("old", Opened(key, 1000.0, 1), now=1000.0) is None
-    assert guard.admit("new", Opened(key, 1100.0, 1), now=1100.0) is None
-    assert "old" not in guard._senders and "new" in guard._senders
-    assert guard.admit("old", Opened(key, 1000.0, 1), now=1100.0) == "outside the replay window"
+
+    def admit(sender: str, at: float) -> str | None:
+        return guard.admit(sender, Opened(key, at, 1), now=at)
+
+    assert admit("a", 1000.0) is None
+    assert admit("b", 1090.0) is None
+    assert admit("c", 1100.0) is None  # full: "a" is past the window, and goes
+    assert sorted(guard._senders) == ["b", "c"]
+    assert admit("d", 1100.0) is None  # full, none expired: the oldest goes
+    assert sorted(guard._senders) == ["c", "d"]
+    # What was forgotten can't be replayed either: its timestamp is out of the window.
+    assert guard.admit("a", Opened(key, 1000.0, 1), now=1100.0) == "outside the replay window"
 
 
 def test_sealing_refuses_every_kind_of_mangling() -> None:
