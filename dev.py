@@ -319,7 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.processes > 1 and driver == "local":
         raise DevError(
             "the local driver spans one process only; with --processes > 1 choose a driver "
-            "that connects processes (--driver redis, pgsql or multiprocessing)"
+            "that connects processes (--driver redis, pgsql, nats or multiprocessing)"
         )
     python = ensure_venv("demo")
     ports = free_ports(args.port, args.processes)
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--driver",
         help="backplane driver (default local for one process, multiprocessing for several); "
-        "redis and pgsql read CROSSWS_REDIS_URL / CROSSWS_PG_DSN",
+        "redis, pgsql and nats read CROSSWS_REDIS_URL / CROSSWS_PG_DSN / CROSSWS_NATS_URL",
     )
     commands.add_parser(
         "test", help="run pytest; every further argument goes to pytest", add_help=False

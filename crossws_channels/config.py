@@ -275,7 +275,7 @@ def _driver(value: object, alias: str | None) -> tuple[DriverFactory, str]:
         raise ConfigurationError(f"{where}: {exc}") from exc
     except ImportError as exc:
         hint = ""
-        if value in ("redis", "pgsql"):
+        if value in ("redis", "pgsql", "nats"):
             hint = f" (install it with: pip install 'crossws_channels[{value}]')"
         raise ConfigurationError(
             f"{where}: driver {value!r} can't be imported: {exc}{hint}"

@@ -26,7 +26,7 @@ from tests.loops import OtherLoop
 
 __all__ = ["DRIVERS", "NETWORK_DRIVERS", "VARIANTS", "Cluster", "ThreadAgent", "variant"]
 
-NETWORK_DRIVERS = ("redis", "pgsql", "multiprocessing")
+NETWORK_DRIVERS = ("redis", "pgsql", "multiprocessing", "nats")
 DRIVERS = ("local", *NETWORK_DRIVERS)
 # Each driver again with encryption_keys (which signs every envelope too): sealed
 # envelopes must behave exactly like plain ones.
@@ -180,3 +180,7 @@ class Cluster:
             from tests.drivers.pgsql.support import drop_tables
 
             drop_tables(self._options["dsn"], self.channel)
+        elif self.driver == "nats":
+            from tests.drivers.nats.support import drop_streams
+
+            drop_streams(self._options["url"], self.channel)

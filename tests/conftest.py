@@ -1,7 +1,8 @@
 """Shared fixtures: where the real servers are, and private ones for outage tests.
 
-Tests reach Redis and PostgreSQL at the URLs in ``CROSSWS_REDIS_URL`` and
-``CROSSWS_PG_DSN`` (defaults: the local servers on their standard ports). When a server
+Tests reach Redis, PostgreSQL and NATS at the URLs in ``CROSSWS_REDIS_URL``,
+``CROSSWS_PG_DSN`` and ``CROSSWS_NATS_URL`` (defaults: the local servers on their
+standard ports). When a server
 can't be reached the tests that need it are skipped, or fail when
 ``CROSSWS_REQUIRE_SERVICES=1`` (as in CI), so a missing service can't pass for green.
 """
@@ -29,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 REDIS_URL = os.environ.get("CROSSWS_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("CROSSWS_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("CROSSWS_NATS_URL", "nats://127.0.0.1:4222")
 REQUIRE_SERVICES = os.environ.get("CROSSWS_REQUIRE_SERVICES") == "1"
 
 
@@ -56,6 +58,12 @@ def _need(url: str, default_port: int, what: str) -> str:
 def redis_url() -> str:
     """URL of the shared Redis server (skip or fail if it is down)."""
     return _need(REDIS_URL, 6379, "Redis")
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """URL of the shared NATS server, with JetStream (skip or fail if it is down)."""
+    return _need(NATS_URL, 4222, "NATS")
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +95,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         options["url"] = request.getfixturevalue("redis_url")
     elif driver == "pgsql":
         options["dsn"] = request.getfixturevalue("pg_dsn")
+    elif driver == "nats":
+        options["url"] = request.getfixturevalue("nats_url")
     made = Cluster(driver, options, tmp_path)
     try:
         yield made

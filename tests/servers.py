@@ -1,6 +1,8 @@
-"""Private Redis and PostgreSQL servers on free ports, for tests that stop or break them.
+"""Private Redis, PostgreSQL and NATS servers on free ports, for tests that stop or break
+them.
 
-The shared servers (127.0.0.1:6379 and :5432) are never restarted or killed by a test;
+The shared servers (127.0.0.1:6379, :5432 and :4222) are never restarted or killed by a
+test;
 tests that need an outage start one of these instead. Both can be stopped and started
 again on the same port, and always stop when the test ends.
 """
@@ -16,8 +18,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["PostgresServer", "RedisServer", "free_port", "wait_for_port"]
+__all__ = ["NatsServer", "PostgresServer", "RedisServer", "free_port", "wait_for_port"]
+
+
+_Self = TypeVar("_Self", bound="_ServerProcess")
 
 
 def free_port() -> int:
@@ -40,13 +46,47 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
             time.sleep(0.02)
 
 
-class RedisServer:
+class _ServerProcess:
+    """A server run as a child process in a temporary directory of its own: killed to
+    stop it, started again on the same port, removed with its directory at the end."""
+
+    def __init__(self, port: int | None, prefix: str) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Kill the server at once (SIGKILL): clients see their connections drop."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def restart(self, downtime: float = 0.0) -> None:
+        self.stop()
+        time.sleep(downtime)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self: _Self) -> _Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisServer(_ServerProcess):
     """A throwaway ``redis-server`` on a free port, nothing kept on disk."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="crossws-redis-"))
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(port, "crossws-redis-")
 
     @property
     def url(self) -> str:
@@ -79,28 +119,34 @@ class RedisServer:
         )
         wait_for_port(self.port)
 
-    def stop(self) -> None:
-        """Kill the server at once (SIGKILL): clients see their connections drop."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
 
-    def restart(self, downtime: float = 0.0) -> None:
-        self.stop()
-        time.sleep(downtime)
-        self.start()
+class NatsServer(_ServerProcess):
+    """A throwaway ``nats-server`` with JetStream on a free port, its store in a temporary
+    directory (kept across restarts, as a real server's is). ``config`` is appended to its
+    configuration file (``max_payload: 65536``, a cluster block, ...)."""
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def __init__(self, port: int | None = None, config: str = "") -> None:
+        super().__init__(port, "crossws-nats-")
+        self.config = config
 
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def start(self) -> None:
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not os.path.exists(binary):
+            raise RuntimeError("nats-server is not installed")
+        conf = self.dir / "server.conf"
+        conf.write_text(
+            f"host: 127.0.0.1\nport: {self.port}\n"
+            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n{self.config}\n'
+        )
+        with (self.dir / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.port)
 
 
 def _pg_bin(name: str) -> str:

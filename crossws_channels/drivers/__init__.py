@@ -55,6 +55,7 @@ BUILTIN: dict[str, str] = {
     "redis": "crossws_channels.drivers.redis.RedisDriver",
     "pgsql": "crossws_channels.drivers.pgsql.PgsqlDriver",
     "multiprocessing": "crossws_channels.drivers.multiprocessing.MultiprocessingDriver",
+    "nats": "crossws_channels.drivers.nats.NatsDriver",
 }
 
 

@@ -2,7 +2,7 @@
 
 Outside this package ``make_layer`` builds ``local`` layers; here it is parametrized over
 :data:`tests.cluster.DRIVERS`, each layer of a test in one cluster on that driver, in this
-process: ``local`` as it is, ``redis`` and ``pgsql`` over the shared servers (skipped, or
+process: ``local`` as it is, ``redis``, ``pgsql`` and ``nats`` over the shared servers (skipped, or
 failed with ``CROSSWS_REQUIRE_SERVICES=1``, when one is down), ``multiprocessing`` with a
 relay process of the test's own.
 """
@@ -33,6 +33,8 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         options["url"] = request.getfixturevalue("redis_url")
     elif driver == "pgsql":
         options["dsn"] = request.getfixturevalue("pg_dsn")
+    elif driver == "nats":
+        options["url"] = request.getfixturevalue("nats_url")
     elif driver == "multiprocessing":
         from tests.drivers.multiprocessing.support import RelayProcess, short_socket_dir
 
@@ -56,3 +58,7 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
             from tests.drivers.pgsql.support import drop_tables
 
             drop_tables(options["dsn"], channel)
+        elif driver == "nats":
+            from tests.drivers.nats.support import drop_streams_async
+
+            await drop_streams_async(options["url"], channel)

@@ -13,18 +13,28 @@ from typing import Any
 
 import pytest
 
+from tests.drivers.nats.support import drop_streams
 from tests.drivers.pgsql.support import drop_tables
 from tests.e2e.harness import DaphneServer, Processes, WSClient, http_post, project_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["redis", "pgsql"])
+@pytest.fixture(params=["redis", "pgsql", "nats"])
 def cluster_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """The environment of one cluster on the driver under test (pgsql: tables dropped after)."""
+    """The environment of one cluster on the driver under test (pgsql: tables dropped
+    after; nats: streams)."""
     driver: str = request.param
     if driver == "redis":
         yield project_env("redis", redis_url=request.getfixturevalue("redis_url"))
+        return
+    if driver == "nats":
+        url = request.getfixturevalue("nats_url")
+        env = project_env("nats", extra={"CROSSWS_NATS_URL": url})
+        try:
+            yield env
+        finally:
+            drop_streams(url, env["CROSSWS_CHANNEL"])
         return
     dsn = request.getfixturevalue("pg_dsn")
     env = project_env("pgsql", pg_dsn=dsn)

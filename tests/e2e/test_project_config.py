@@ -9,7 +9,12 @@ from django.core.exceptions import ImproperlyConfigured
 
 from testproject.chat.rooms import clean_text, is_room, room_group
 from testproject.chat.workers import embedded_worker_requested, run_job
-from testproject.layers import DEFAULT_PG_DSN, DEFAULT_REDIS_URL, channel_layers_from_env
+from testproject.layers import (
+    DEFAULT_NATS_URL,
+    DEFAULT_PG_DSN,
+    DEFAULT_REDIS_URL,
+    channel_layers_from_env,
+)
 
 BACKEND = "crossws_channels.layer.BackplaneChannelLayer"
 
@@ -33,6 +38,14 @@ def test_pgsql_driver_takes_its_dsn() -> None:
     """CROSSWS_DRIVER=pgsql adds the dsn option, from CROSSWS_PG_DSN or the default."""
     config = channel_layers_from_env({"CROSSWS_DRIVER": "pgsql", "CROSSWS_CHANNEL": "c"})
     assert config["default"]["CONFIG"] == {"driver": "pgsql", "channel": "c", "dsn": DEFAULT_PG_DSN}
+
+
+def test_nats_driver_takes_its_url() -> None:
+    """CROSSWS_DRIVER=nats adds the url option, from CROSSWS_NATS_URL or the default."""
+    config = channel_layers_from_env({"CROSSWS_DRIVER": "nats"})["default"]["CONFIG"]
+    assert config == {"driver": "nats", "channel": "testproject", "url": DEFAULT_NATS_URL}
+    env = {"CROSSWS_DRIVER": "nats", "CROSSWS_NATS_URL": "nats://127.0.0.1:4299"}
+    assert channel_layers_from_env(env)["default"]["CONFIG"]["url"] == "nats://127.0.0.1:4299"
 
 
 def test_other_drivers_get_no_connection_option() -> None:

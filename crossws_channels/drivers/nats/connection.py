@@ -1,0 +1,134 @@
+"""The nats driver's client: one connection per driver for everything it does.
+
+NATS multiplexes publishes, subscriptions and JetStream requests over one connection,
+so the driver needs no more. nats-py reconnects it by itself (to the next server of
+``url`` in a cluster) and restores its subscriptions; the driver watches the connection's
+state instead, so that the layer sees every disconnection as an outage (reported once)
+and every reconnection as the subscription coming back, as with the other drivers. A
+client the user passed in is used as it is, and never closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from .options import NatsOptions
+
+__all__ = ["CONNECT_TIMEOUT", "Connection", "ConnectionLost"]
+
+logger = logging.getLogger("crossws_channels.drivers.nats")
+
+CONNECT_TIMEOUT = 5.0
+# How long nats-py waits between attempts on one server; -1 attempts: for ever, since
+# a driver of a running layer never gives up (the layer reports the outage).
+RECONNECT_TIME_WAIT = 0.5
+POLL = 0.25
+
+
+class ConnectionLost(ConnectionError):
+    """The connection to NATS broke (nats-py is reconnecting)."""
+
+
+class Connection:
+    """The driver's NATS client, opened on first use, and whether it is connected."""
+
+    def __init__(self, options: NatsOptions, name: str) -> None:
+        self._options = options
+        self._name = name
+        self._client: Any = options.client
+        self._owned = options.client is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Lock | None = None
+        self._changed: asyncio.Event | None = None
+        self.disconnects = 0
+
+    @property
+    def client(self) -> Any:
+        """The client, for statements that need it connected (:meth:`get`)."""
+        return self._client
+
+    async def get(self) -> Any:
+        """The client, connecting it first if need be."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and self._owned and self._client is not None:
+                # Made on a loop that is gone: it can only be abandoned.
+                self._client = None
+            self._loop = loop
+            self._opening = asyncio.Lock()
+            self._changed = asyncio.Event()
+        assert self._opening is not None
+        async with self._opening:
+            client = self._client
+            if client is None or (self._owned and client.is_closed):
+                self._client = client = await self._connect()
+        return client
+
+    async def _connect(self) -> Any:
+        import nats
+
+        options: dict[str, Any] = {
+            "name": self._name,
+            "connect_timeout": CONNECT_TIMEOUT,
+            "reconnect_time_wait": RECONNECT_TIME_WAIT,
+            "max_reconnect_attempts": -1,
+            **self._options.connect,
+        }
+        return await nats.connect(
+            servers=self._options.servers,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_changed,
+            closed_cb=self._on_changed,
+            error_cb=self._on_error,
+            **options,
+        )
+
+    async def _on_disconnected(self) -> None:
+        self.disconnects += 1
+        await self._on_changed()
+
+    async def _on_changed(self) -> None:
+        changed = self._changed
+        if changed is not None:
+            changed.set()
+            self._changed = asyncio.Event()
+
+    async def _on_error(self, error: Exception) -> None:
+        logger.debug("nats client error: %s", error)
+
+    async def wait_connected(self, timeout: float) -> Any:
+        """The client once it is connected; ConnectionLost if it isn't within
+        ``timeout`` seconds."""
+        client = await self.get()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not client.is_connected:
+            changed = self._changed
+            remaining = deadline - loop.time()
+            if changed is None or remaining <= 0:
+                raise ConnectionLost("not connected to NATS")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, POLL))
+            client = await self.get()
+        return client
+
+    async def until_lost(self, client: Any) -> None:
+        """Return when ``client`` is no longer connected."""
+        while client.is_connected:
+            changed = self._changed
+            if changed is None:
+                return
+            # A client the user passed in has no callbacks of ours: look now and then.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), POLL)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._owned and not client.is_closed:
+            try:
+                await asyncio.wait_for(client.close(), CONNECT_TIMEOUT)
+            except Exception as exc:
+                logger.debug("closing the nats connection failed: %s", exc)

@@ -1,0 +1,185 @@
+"""The ``nats`` driver: the relay over NATS subjects, worker channels in JetStream.
+
+One driver per layer instance, over one NATS connection (:mod:`.connection`). Group
+broadcasts are published on the subject named exactly ``channel``, sends to one
+instance's channels on ``<channel>.instance.<instance id>``, which only that instance
+subscribes to. Worker channels are JetStream streams (:mod:`.queues`). NATS delivers a
+publish to the publishing connection too, so the layer's heartbeat comes back as the
+echo of its own broadcast, as on Redis.
+
+See ``docs/drivers/nats.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from crossws_channels.errors import ConfigurationError
+
+from ..base import Deliver, Outgoing, Ready
+from .chunks import HEADER, Assembler, split
+from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost
+from .options import DRIVER_KEYS, NatsNames, NatsOptions
+from .queues import WorkerStreams
+
+__all__ = ["NatsDriver"]
+
+logger = logging.getLogger("crossws_channels.drivers.nats")
+
+# Messages a subscription may hold while the layer holds the backplane back
+# (backpressure): past them nats-py drops and reports a slow consumer.
+PENDING_MESSAGES = 1_000_000
+PENDING_BYTES = 256 * 1024 * 1024
+
+
+class NatsDriver:
+    """Relays a cluster's envelopes through NATS; see the module docstring.
+
+    ``options`` (from CONFIG): ``channel``; ``url`` (``nats://host:4222``, several
+    separated by commas for a cluster) or ``client`` (a connected
+    ``nats.aio.client.Client``, which stays the user's); ``connect``, more keyword
+    arguments for ``nats.connect()`` (credentials, TLS, ...); ``stream_replicas``, the
+    servers of a NATS cluster that keep each worker channel's stream.
+    """
+
+    OPTIONS: frozenset[str] = DRIVER_KEYS
+
+    def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
+        try:
+            import nats  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"'nats' needs nats-py (pip install 'crossws_channels[nats]'): {exc}",
+                key="driver",
+            ) from exc
+        self.options = NatsOptions.from_mapping(options)
+        if not isinstance(instance_id, str) or not instance_id:
+            raise ConfigurationError("the instance id must be a non-empty string")
+        self.instance_id = instance_id
+        self.names = NatsNames.for_channel(self.options.channel)
+        self._direct = self.names.direct(instance_id)
+        self._connection = Connection(self.options, f"crossws_channels:{instance_id}")
+        self._queues = WorkerStreams(self._connection, self.names, self.options.stream_replicas)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<NatsDriver channel={self.options.channel!r} instance={self.instance_id!r}>"
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the nats driver is closed")
+
+    # Relay out
+
+    async def publish(self, envelope: str, /) -> None:
+        """Publish ``envelope`` on the cluster's broadcast subject."""
+        self._require_open()
+        client = await self._connection.get()
+        await self._send(client, self.names.broadcast, envelope.encode("utf-8"))
+
+    async def publish_to(self, instance_id: str, envelope: str, /) -> None:
+        """Publish ``envelope`` on the subject only ``instance_id`` subscribes to."""
+        self._require_open()
+        client = await self._connection.get()
+        await self._send(client, self.names.direct(instance_id), envelope.encode("utf-8"))
+
+    async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
+        """Publish every message of ``batch``, in order: nats-py writes them together."""
+        self._require_open()
+        client = await self._connection.get()
+        names = self.names
+        for target, envelope in batch:
+            subject = names.broadcast if target is None else names.direct(target)
+            await self._send(client, subject, envelope.encode("utf-8"))
+
+    async def _send(self, client: Any, subject: str, data: bytes) -> None:
+        limit = client.max_payload
+        if len(data) <= limit:
+            await client.publish(subject, data)
+            return
+        # Larger than the server takes in one message: in parts (see .chunks).
+        for part, headers in split(self.instance_id, data, limit):
+            await client.publish(subject, part, headers=headers)
+
+    # Relay in
+
+    async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
+        """Subscribe to the broadcast and this instance's subjects, then deliver until
+        the connection breaks (then raise; the layer listens again once it is back)."""
+        self._require_open()
+        connection = self._connection
+        client = await connection.wait_connected(CONNECT_TIMEOUT)
+
+        assembler = Assembler()
+
+        async def on_message(message: Any) -> None:
+            data = message.data
+            headers = message.headers
+            if headers and HEADER in headers:
+                data = assembler.add(headers[HEADER], data)
+                if data is None:
+                    return
+            held = deliver(data)
+            if held is not None:
+                # Backpressure: this subscription's next messages wait in nats-py.
+                await held
+
+        subscriptions = []
+        try:
+            for subject in (self.names.broadcast, self._direct):
+                subscriptions.append(
+                    await client.subscribe(
+                        subject,
+                        cb=on_message,
+                        pending_msgs_limit=PENDING_MESSAGES,
+                        pending_bytes_limit=PENDING_BYTES,
+                    )
+                )
+            # The server has the subscriptions once it answered a ping sent after them.
+            await client.flush(timeout=CONNECT_TIMEOUT)
+            ready()
+            await connection.until_lost(client)
+            raise ConnectionLost("the connection to NATS broke")
+        finally:
+            # nats-py would restore them after reconnecting; the next listen subscribes
+            # afresh, once, when the layer is ready for it.
+            for subscription in subscriptions:
+                try:
+                    await subscription.unsubscribe()
+                except Exception as exc:
+                    logger.debug("unsubscribing failed: %s", exc)
+
+    # Worker channels
+
+    async def queue_push(self, channel: str, item: str, capacity: int, expires: float, /) -> bool:
+        self._require_open()
+        return await self._queues.push(channel, item, capacity, expires)
+
+    async def queue_pop(self, channel: str, timeout: float, /) -> str | None:
+        self._require_open()
+        return await self._queues.pop(channel, timeout)
+
+    async def queue_return(self, channel: str, item: str, /) -> None:
+        self._require_open()
+        await self._queues.give_back(channel, item)
+
+    async def flush(self) -> None:
+        """Delete this cluster's worker-channel streams; nothing else."""
+        self._require_open()
+        await self._queues.flush()
+
+    # Shutdown
+
+    async def close(self) -> None:
+        """Close the driver's connection (never a client the user passed)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._queues.close(), CONNECT_TIMEOUT)
+        except Exception as exc:
+            logger.debug("releasing the worker streams failed: %s", exc)
+        await self._connection.close()
