@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--drivers",
-        default="redis,pgsql,multiprocessing,local",
+        default="redis,pgsql,multiprocessing,local,nats",
         help=(
-            "backends to measure: redis, pgsql, multiprocessing, local; each brings this "
+            "backends to measure: redis, pgsql, multiprocessing, local, nats; each brings this "
             "layer's driver and the peers and raw transport of that backend"
         ),
     )
@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url",
         default=environment.default_redis_url(),
         help="Redis to use (default: $CROSSWS_REDIS_URL or the local server)",
+    )
+    parser.add_argument(
+        "--nats-url",
+        default=environment.default_nats_url(),
+        help="NATS (with JetStream) to use (default: $CROSSWS_NATS_URL or the local server)",
     )
     parser.add_argument(
         "--pg-dsn",
@@ -170,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pg_dsn,
         want_pg="pgsql" in services,
         want_mp="multiprocessing" in services,
+        nats_url=args.nats_url if "nats" in services else None,
     )
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)

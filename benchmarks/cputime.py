@@ -2,7 +2,7 @@
 
 The benchmark processes measure their own CPU time (``time.process_time()``); this
 module adds what the backplane's servers spent meanwhile: redis-server, the PostgreSQL
-backends, the multiprocessing relay. It reads ``/proc``, so it sees servers on this
+backends, nats-server, the multiprocessing relay. It reads ``/proc``, so it sees servers on this
 machine only (elsewhere it reports nothing), and it counts whatever else those servers
 did during the trial, which on a quiet machine is nothing.
 """
@@ -17,6 +17,7 @@ _SERVERS = {
     "redis": ("redis-server", None),
     "pgsql": ("postgres", None),
     "multiprocessing": (None, b"crossws_channels.relay"),
+    "nats": ("nats-server", None),
 }
 
 

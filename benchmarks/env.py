@@ -18,6 +18,7 @@ from typing import Any
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Env:
     chpg_database: dict[str, Any] | None
     mp_channel: str | None
     mp_socket_dir: str | None
+    nats_url: str | None = None
     notes: tuple[str, ...] = field(default=())
     # With a directory, every benchmark process runs under cProfile and saves its stats
     # there as <subject>-<role>-<pid>.prof.
@@ -73,6 +75,48 @@ def _redis(url: str, notes: list[str]) -> str | None:
         notes.append(f"Redis at {url} is unavailable ({exc}): its subjects are skipped")
         return None
     return url
+
+
+def _nats(url: str, notes: list[str]) -> str | None:
+    import asyncio
+
+    async def check() -> None:
+        import nats
+
+        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            await client.jetstream().account_info()
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(check())
+    except Exception as exc:
+        notes.append(
+            f"NATS with JetStream at {url} is unavailable ({exc}): its subjects are skipped"
+        )
+        return None
+    return url
+
+
+def _drop_streams(url: str, run_id: str) -> None:
+    """Delete the worker-channel streams of this run (their description names its scope)."""
+    import asyncio
+
+    async def drop() -> None:
+        import nats
+
+        client = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        try:
+            js = client.jetstream()
+            for info in await js.streams_info():
+                name = info.config.name
+                if name and run_id in (info.config.description or ""):
+                    await js.delete_stream(name)
+        finally:
+            await client.close()
+
+    asyncio.run(drop())
 
 
 def _scratch_database(admin_dsn: str, run_id: str, notes: list[str]) -> str | None:
@@ -140,11 +184,19 @@ def _relay(channel: str, notes: list[str]) -> str | None:
     return socket_dir
 
 
-def prepare(redis_url: str, pg_dsn: str, *, want_pg: bool, want_mp: bool) -> Env:
-    """Check the servers and create what this run needs."""
+def prepare(
+    redis_url: str,
+    pg_dsn: str,
+    *,
+    want_pg: bool,
+    want_mp: bool,
+    nats_url: str | None = None,
+) -> Env:
+    """Check the servers and create what this run needs (NATS only with ``nats_url``)."""
     run_id = secrets.token_hex(4)
     notes: list[str] = []
     redis_ok = _redis(redis_url, notes)
+    nats_ok = _nats(nats_url, notes) if nats_url else None
     scratch = _scratch_database(pg_dsn, run_id, notes) if want_pg else None
     chpg = _channels_postgres(scratch, notes) if scratch else None
     mp_channel = f"bench-{run_id}-mp"
@@ -156,6 +208,7 @@ def prepare(redis_url: str, pg_dsn: str, *, want_pg: bool, want_mp: bool) -> Env
         chpg_database=chpg,
         mp_channel=mp_channel if socket_dir else None,
         mp_socket_dir=socket_dir,
+        nats_url=nats_ok,
     )
     env = _migrate(env, notes)
     return Env(**{**env.__dict__, "notes": tuple(notes)})
@@ -195,6 +248,9 @@ def cleanup(env: Env, admin_dsn: str) -> None:
             )
     if env.mp_socket_dir is not None:
         shutil.rmtree(env.mp_socket_dir, ignore_errors=True)
+    if env.nats_url is not None:
+        with contextlib.suppress(Exception):
+            _drop_streams(env.nats_url, env.run_id)
 
 
 def default_redis_url() -> str:
@@ -203,3 +259,7 @@ def default_redis_url() -> str:
 
 def default_pg_dsn() -> str:
     return os.environ.get("CROSSWS_PG_DSN", DEFAULT_PG_DSN)
+
+
+def default_nats_url() -> str:
+    return os.environ.get("CROSSWS_NATS_URL", DEFAULT_NATS_URL)

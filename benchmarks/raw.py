@@ -1,4 +1,4 @@
-"""The raw transports: what redis-py and psycopg do without any channel layer.
+"""The raw transports: what redis-py, psycopg and nats-py do without any channel layer.
 
 A :class:`RawLink` listens on one name and publishes to others, one message per awaited
 call (:meth:`RawLink.send`) or many per round trip (:meth:`RawLink.send_many`). These
@@ -135,11 +135,53 @@ class PgLink:
                 await conn.close()
 
 
+class NatsLink:
+    """nats-py: one connection; ``send`` publishes and waits for the server's answer to a
+    ping (a publish alone is only buffered), ``send_many`` publishes all, then pings once."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._client: Any = None
+
+    async def _connected(self) -> Any:
+        if self._client is None:
+            import nats
+
+            self._client = await nats.connect(self._url)
+        return self._client
+
+    async def listen(self, name: str, on_message: OnMessage) -> None:
+        client = await self._connected()
+
+        async def received(message: Any) -> None:
+            on_message(message.data)
+
+        await client.subscribe(name, cb=received)
+        await client.flush()
+
+    async def send(self, name: str, payload: str) -> None:
+        client = await self._connected()
+        await client.publish(name, payload.encode())
+        await client.flush()
+
+    async def send_many(self, name: str, payloads: Sequence[str]) -> None:
+        client = await self._connected()
+        for payload in payloads:
+            await client.publish(name, payload.encode())
+        await client.flush()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
 def open_link(key: str, env: Env) -> RawLink:
     if key.startswith("raw-redis") and env.redis_url is not None:
         return RedisLink(env.redis_url)
     if key.startswith("raw-pg") and env.pg_dsn is not None:
         return PgLink(env.pg_dsn, batch=key.endswith("-batch"))
+    if key.startswith("raw-nats") and env.nats_url is not None:
+        return NatsLink(env.nats_url)
     raise ValueError(f"{key!r} is not an available raw subject")
 
 

@@ -42,7 +42,15 @@ from .subjects import (
 )
 from .tally import Tally, message, raw_payload, throttle, wait_for_warm, wait_until_done
 
-RAW = ("raw-redis", "raw-redis-pipe", "raw-pg", "raw-pg-pipe", "raw-pg-batch")
+RAW = (
+    "raw-redis",
+    "raw-redis-pipe",
+    "raw-pg",
+    "raw-pg-pipe",
+    "raw-pg-batch",
+    "raw-nats",
+    "raw-nats-pipe",
+)
 PIPELINE_CHUNK = 256
 # A trial whose receiver has received nothing new for this long has hung.
 STALL_LIMIT = 60.0

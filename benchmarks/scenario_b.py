@@ -23,7 +23,7 @@ from .report import Metric, percentile
 from .subjects import CROSS_PROCESS_LAYERS, close_layer, open_layer, short
 from .tally import message, raw_payload
 
-RAW = ("raw-redis", "raw-pg")
+RAW = ("raw-redis", "raw-pg", "raw-nats")
 PINGER, PONGER = 0, 1
 REPLY_TIMEOUT = 5.0
 # A warm-up ping may be lost while a layer is still subscribing: don't wait long for it.
@@ -154,7 +154,15 @@ class ScenarioB:
             ),
             primary="p50",
             counts=("lost",),
-            ratio_peers=("raw-redis", "raw-pg", "redis-pubsub", "redis-core", "channels-postgres"),
+            ratio_peers=(
+                "raw-redis",
+                "raw-pg",
+                "raw-nats",
+                "redis-pubsub",
+                "redis-core",
+                "channels-postgres",
+                "channels-nats",
+            ),
         )
 
     def run(self, case: Case, subject: str, env: Env, sizes: Sizes, trial: int) -> dict[str, float]:

@@ -29,9 +29,11 @@ MEASURED = (
     "crossws-redis",
     "crossws-pgsql",
     "crossws-mp",
+    "crossws-nats",
     "redis-core",
     "redis-pubsub",
     "channels-postgres",
+    "channels-nats",
 )
 CONSUMERS = 2
 PRODUCER = CONSUMERS  # the producer's slot, after the consumers'

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .env import Env
 
 Family = Literal["crossws", "peer", "raw"]
-Service = Literal["redis", "pgsql", "multiprocessing", "local"]
+Service = Literal["redis", "pgsql", "multiprocessing", "local", "nats"]
 
 # In the transport measurements every layer gets this capacity, so that no message is
 # dropped for a full channel: the numbers measure transports and fan-out, not a
@@ -79,6 +79,10 @@ SUBJECTS: dict[str, Subject] = {
             "pgsql",
             "psycopg, one pg_notify() statement per batch",
         ),
+        Subject("crossws-nats", "crossws nats", "crossws", "nats", "this layer, nats driver"),
+        Subject("channels-nats", "channels-nats", "peer", "nats", "channels_nats NatsChannelLayer"),
+        Subject("raw-nats", "raw nats", "raw", "nats", "nats-py publish, each awaited"),
+        Subject("raw-nats-pipe", "raw nats pipelined", "raw", "nats", "nats-py publish, one flush"),
         Subject(
             "crossws-redis-signed",
             "crossws redis signed",
@@ -107,9 +111,11 @@ CROSS_PROCESS_LAYERS = (
     "crossws-redis",
     "crossws-pgsql",
     "crossws-mp",
+    "crossws-nats",
     "redis-pubsub",
     "redis-core",
     "channels-postgres",
+    "channels-nats",
 )
 
 
@@ -124,6 +130,7 @@ DRIVER_SERVICES: dict[str, Service] = {
     "multiprocessing": "multiprocessing",
     "mp": "multiprocessing",
     "local": "local",
+    "nats": "nats",
 }
 
 
@@ -138,6 +145,13 @@ def available(key: str, env: Env) -> str | None:
         return "channels-postgres unavailable"
     if service == "multiprocessing" and env.mp_socket_dir is None:
         return "no relay"
+    if service == "nats" and env.nats_url is None:
+        return "no NATS"
+    if key == "channels-nats":
+        try:
+            import channels_nats  # noqa: F401
+        except ImportError:
+            return "channels-nats is not installed (pip install channels-nats)"
     return None
 
 
@@ -160,6 +174,8 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
                 config.update(encryption_keys=[BENCHMARK_KEY])
         elif key == "crossws-pgsql":
             config.update(driver="pgsql", dsn=env.pg_dsn)
+        elif key == "crossws-nats":
+            config.update(driver="nats", url=env.nats_url)
         elif key == "crossws-mp":
             config.update(
                 driver="multiprocessing", channel=env.mp_channel, socket_dir=env.mp_socket_dir
@@ -181,6 +197,10 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
         if env.chpg_database is None:
             raise RuntimeError("channels-postgres has no database in this run")
         return PostgresChannelLayer(prefix=scope, **env.chpg_database)
+    if key == "channels-nats":
+        from channels_nats import NatsChannelLayer
+
+        return NatsChannelLayer(servers=env.nats_url, prefix=scope, **capacity)
     if key == "inmemory":
         from channels.layers import InMemoryChannelLayer
 
@@ -220,6 +240,8 @@ async def close_layer(key: str, layer: Any) -> None:
         await layer.close_pools()
     elif key == "redis-pubsub":
         await layer.flush()
+    elif key == "channels-nats":
+        await layer.close()
 
 
 def layer_stats(key: str, layer: Any) -> dict[str, Any]:

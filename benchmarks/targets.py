@@ -82,7 +82,7 @@ def _ratio(
     return check
 
 
-def _worker(subject: str) -> Check:
+def _worker(subject: str, times_core: float = 3) -> Check:
     def check(results: Results) -> tuple[bool | None, str]:
         lost = results.total("D", "", subject, "lost")
         dup = results.total("D", "", subject, "duplicates")
@@ -92,10 +92,24 @@ def _worker(subject: str) -> Check:
         if lost is None or dup is None or share is None or mine is None:
             return None, "not measured"
         speed = mine / core if core else None
-        met = lost == 0 and dup == 0 and share >= 0.25 and (speed is None or speed >= 3)
+        met = lost == 0 and dup == 0 and share >= 0.25 and (speed is None or speed >= times_core)
         shown = f"{speed:.2f}x" if speed is not None else "n/a"
         detail = f"lost {lost:.0f}, dup {dup:.0f}, min share {share:.2f}, {shown} core"
         return (met if speed is not None or not met else None), detail
+
+    return check
+
+
+def _ratio_across(case: str, peer_case: str, mine: str, peer: str, bound: float) -> Check:
+    """A's rate of ``mine`` in ``case`` against ``peer``'s in ``peer_case`` (default
+    settings against a peer's large-capacity figure, which is its best)."""
+
+    def check(results: Results) -> tuple[bool | None, str]:
+        a = results.median("A", case, mine, "rate")
+        b = results.median("A", peer_case, peer, "rate")
+        if a is None or not b:
+            return None, "not measured"
+        return a / b >= bound, f"{a / b:.2f}x"
 
     return check
 
@@ -242,6 +256,28 @@ TARGETS = [
         "pgsql", "B p50 ≤ 1.2x raw pg (group_send; send)", _b("crossws-pgsql", "raw-pg", "p50", 1.2)
     ),
     Target("pgsql", "D no dup, no loss, ≥ 3x core, both busy", _worker("crossws-pgsql")),
+    Target(
+        "nats",
+        "A K=1 defaults, unpaced: ≥ 1x channels-nats transport, no loss",
+        _both(
+            _ratio_across(A1, T1, "crossws-nats", "channels-nats", 1),
+            _lossless(A1, "crossws-nats"),
+        ),
+    ),
+    Target(
+        "nats",
+        "A K=100 defaults, unpaced: ≥ 1.5x redis pubsub, no loss",
+        _both(
+            _ratio("A", A100, "rate", "crossws-nats", "redis-pubsub", 1.5, True),
+            _lossless(A100, "crossws-nats"),
+        ),
+    ),
+    Target(
+        "nats",
+        "B p50 ≤ 1.15x raw nats (group_send; send)",
+        _b("crossws-nats", "raw-nats", "p50", 1.15),
+    ),
+    Target("nats", "D no dup, no loss, ≥ 10x core, both busy", _worker("crossws-nats", 10)),
     Target("multiprocessing", "A K=1 defaults, unpaced: no loss", _lossless(A1, "crossws-mp")),
     Target(
         "multiprocessing",

@@ -102,10 +102,13 @@ async def receive_nothing(layer: Any, channel: str, seconds: float = 0.5) -> Non
     pytest.fail(f"received {message!r}")
 
 
-@pytest.fixture
-async def signed_pair(make_layer: Any, redis_url: str, errors: ErrorLog) -> Any:
-    """Two signed layers on Redis; the second one's channel is in group ``room``."""
-    config = {"driver": "redis", "url": redis_url, "signing_keys": [OLD]}
+@pytest.fixture(params=["signing_keys", "encryption_keys"])
+async def signed_pair(
+    request: pytest.FixtureRequest, make_layer: Any, redis_url: str, errors: ErrorLog
+) -> Any:
+    """Two layers on Redis sealing with ``OLD`` (signed, or encrypted); the second one's
+    channel is in group ``room``."""
+    config = {"driver": "redis", "url": redis_url, request.param: [OLD]}
     sender = make_layer(**config)
     receiver = make_layer(**config, on_error=errors)
     channel = await member(receiver)
@@ -124,9 +127,11 @@ async def test_forged_group_messages_are_refused_and_reported_a_bounded_number_o
     text = serialize.dumps({"type": "chat.message", "text": "forged"})
     unsigned = [forged("rogue1234567", "room", text, seq=n) for n in range(1, 301)]
     wrong_key = [forged("rogue1234567", "room", text, seq=n, key=ROGUE_KEY) for n in range(1, 201)]
-    # A real envelope of the cluster's, its message changed and its signature kept.
+    # A real envelope of the cluster's, changed (its number: the data may be encrypted)
+    # with its signature kept.
     genuine = Frames("rogue1234567", "", sender._frames.sealer).broadcast("room", text)
-    tampered = genuine.replace("forged", "FORGED")
+    tampered = genuine.replace('"seq":1,', '"seq":2,')
+    assert tampered != genuine
     async with Tap(redis_url, sender.config.channel) as tap:
         await tap.publish(*unsigned, *wrong_key, tampered)
     await sender.group_send("room", {"type": "chat.message", "text": "genuine"})
@@ -268,7 +273,9 @@ async def test_a_worker_channel_item_pushed_again_is_delivered_once(
         (stored,) = await client.lrange(key, 0, -1)
         assert (await asyncio.wait_for(receiver.receive("jobs"), 5))["n"] == 1
         await client.rpush(key, stored)
-        await client.rpush(key, stored.replace(b'\\"n\\":1', b'\\"n\\":2'))
+        tampered = stored.replace(b'"ts":', b'"ts":1')  # the data may be encrypted
+        assert tampered != stored
+        await client.rpush(key, tampered)
         await sender.send("jobs", {"type": "job", "n": 3})
         assert (await asyncio.wait_for(receiver.receive("jobs"), 5))["n"] == 3
         assert receiver.stats()["dropped.replayed"] == 1
@@ -281,15 +288,18 @@ async def test_a_worker_channel_item_pushed_again_is_delivered_once(
 
 
 @pytest.mark.redis
-async def test_key_rotation_step_by_step_loses_nothing(make_layer: Any, redis_url: str) -> None:
+@pytest.mark.parametrize("sealing", ["signing_keys", "encryption_keys"])
+async def test_key_rotation_step_by_step_loses_nothing(
+    make_layer: Any, redis_url: str, sealing: str
+) -> None:
     """[old] everywhere, then [old, new] (new verifies), then [new, old] (new signs),
     then [new]: at each step every instance still hears every other."""
     base = {"driver": "redis", "url": redis_url}
     steps = [[OLD], [OLD, NEW], [NEW, OLD], [NEW]]
     # Neighbouring steps coexist during a rolling restart; each pair must interoperate.
     for before, after in itertools.pairwise(steps):
-        a = make_layer(**base, signing_keys=before)
-        b = make_layer(**base, signing_keys=after)
+        a = make_layer(**base, **{sealing: before})
+        b = make_layer(**base, **{sealing: after})
         in_a, in_b = await member(a, "both"), await member(b, "both")
         for n in range(50):
             await a.group_send("both", {"type": "m", "n": n, "from": "a"})

@@ -317,9 +317,17 @@ def _check_dsn(dsn: object, connector: Connector | None) -> None:
             )
         return
     try:
-        conninfo.conninfo_to_dict(dsn)
+        params = conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"is not a valid connection string: {exc}", key="dsn") from exc
+    timeout = params.get("connect_timeout")
+    # libpq waits for ever on zero, a negative number or (silently) anything that is not
+    # a number: a dead server would then hold every reconnection attempt.
+    if timeout is not None and not (str(timeout).isdigit() and int(str(timeout)) > 0):
+        raise ConfigurationError(
+            f"has connect_timeout={timeout!r}; it must be a positive whole number of seconds",
+            key="dsn",
+        )
 
 
 def _check_client(

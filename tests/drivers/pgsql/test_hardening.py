@@ -238,13 +238,18 @@ async def test_a_frozen_server_is_reported_at_publish_within_seconds_without_a_h
         ({"channel_capacity": {"big.*": 2**31}}, "'channel_capacity'"),
         ({"statement_timeout": 0}, "'statement_timeout'"),
         ({"schema": ""}, "'schema'"),
+        ({"dsn_query": "?connect_timeout=-5"}, "'dsn'"),
+        ({"dsn_query": "?connect_timeout=soon"}, "'dsn'"),
+        ({"dsn_query": "?bogus_opt=1"}, "'dsn'"),
     ],
 )
 def test_settings_the_driver_cant_honour_are_refused_at_start_up(
     make_layer: Any, pg_dsn: str, config: dict[str, Any], named: str
 ) -> None:
+    query = config.pop("dsn_query", "")
+    dsn = f"{pg_dsn}{query}" if pg_dsn.startswith("postgresql://") else pg_dsn
     with pytest.raises(ConfigurationError, match=named):
-        make_layer(driver="pgsql", dsn=pg_dsn, **config)
+        make_layer(driver="pgsql", dsn=dsn, **config)
 
 
 async def test_the_notification_queue_is_reported_once_past_half_full(pg_dsn: str) -> None:
