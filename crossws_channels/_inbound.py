@@ -248,12 +248,11 @@ class Inbound:
             if refusal is not None:
                 self._reporter.drop_unauthenticated(refusal, "replayed")
                 return None
-            if sealer.encrypt:
-                try:
-                    data = sealer.decrypt_data(opened, sender, topic, data)
-                except Unauthenticated as exc:
-                    self._reporter.drop_unauthenticated(str(exc))
-                    return None
+            try:
+                data = sealer.data_of(opened, envelope)
+            except Unauthenticated as exc:
+                self._reporter.drop_unauthenticated(str(exc))
+                return None
         if sender == self._instance_id:
             # Our own echo: only the control messages we address to ourselves matter.
             if topic[:1] == "!":

@@ -67,7 +67,8 @@ class WorkerChannels:
         guard: ReplayGuard | None = None,
     ) -> None:
         self._home = home
-        self._guard = guard if guard is not None else ReplayGuard(expiry)
+        # With a sealer (signing_keys, encryption_keys): what was delivered here.
+        self._guard = guard
         self._registry = registry
         self._frames = frames
         self._stats = stats
@@ -256,25 +257,27 @@ class WorkerChannels:
             self._reporter.tally("expired", channel, "delivery", _expired, 1, [channel])
             return True
         msg = envelope.msg
-        if sealer is not None and opened is not None:
-            if envelope.expires is None or envelope.msg.topic != channel:
+        if opened is not None:
+            assert sealer is not None
+            if envelope.expires is None or msg.topic != channel:
                 self._reporter.drop_unauthenticated(f"not an item of {channel!r}")
                 return True
-            if sealer.encrypt:
-                try:
-                    data = sealer.decrypt_data(opened, envelope.id, msg.topic, msg.data)
-                except Unauthenticated as exc:
-                    self._reporter.drop_unauthenticated(f"{exc} (an item of {channel!r})")
-                    return True
+            try:
+                data = sealer.data_of(opened, envelope)
+            except Unauthenticated as exc:
+                self._reporter.drop_unauthenticated(f"{exc} (an item of {channel!r})")
+                return True
+            if data is not msg.data:
                 msg = SyncMessage(msg.namespace, msg.topic, data)
         try:
             payload = relayed_payload(msg)
         except ValueError as exc:
             self._reporter.drop_malformed(f"an item of {channel!r}: {exc}")
             return True
+        guard = self._guard
         if opened is not None:
-            assert envelope.expires is not None
-            if not self._guard.delivered_stored(envelope.id, opened.number, envelope.expires):
+            assert envelope.expires is not None and guard is not None
+            if not guard.delivered_stored(envelope.id, opened.number, envelope.expires):
                 self._reporter.drop_unauthenticated(
                     f"replayed (an item of {channel!r})", "replayed"
                 )
@@ -282,6 +285,6 @@ class WorkerChannels:
         if self._registry.put_if_wanted(channel, payload):
             self._stats.incr("delivered")
             return True
-        if opened is not None:
-            self._guard.forget_stored(envelope.id, opened.number)
+        if opened is not None and guard is not None:
+            guard.forget_stored(envelope.id, opened.number)
         return False

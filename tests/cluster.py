@@ -24,7 +24,16 @@ from typing import Any
 from tests.agent import CALL_TIMEOUT, RECORD, Agent, AgentError, from_json, operations, to_json
 from tests.loops import OtherLoop
 
-__all__ = ["DRIVERS", "NETWORK_DRIVERS", "VARIANTS", "Cluster", "ThreadAgent", "variant"]
+__all__ = [
+    "DRIVERS",
+    "NETWORK_DRIVERS",
+    "VARIANTS",
+    "Cluster",
+    "ThreadAgent",
+    "drop_storage",
+    "server_options",
+    "variant",
+]
 
 NETWORK_DRIVERS = ("redis", "pgsql", "multiprocessing", "nats")
 DRIVERS = ("local", *NETWORK_DRIVERS)
@@ -33,6 +42,31 @@ DRIVERS = ("local", *NETWORK_DRIVERS)
 ENCRYPTED = "+encrypted"
 VARIANTS = (*DRIVERS, *(driver + ENCRYPTED for driver in DRIVERS))
 CLUSTER_KEYS = ["contract-suite-key-" + "k" * 16]
+
+
+def server_options(request: Any, driver: str) -> dict[str, Any]:
+    """The CONFIG that reaches the shared server of ``driver`` (from the conftest
+    fixtures, which skip or fail when it is down); none for the other drivers."""
+    if driver == "redis":
+        return {"url": request.getfixturevalue("redis_url")}
+    if driver == "pgsql":
+        return {"dsn": request.getfixturevalue("pg_dsn")}
+    if driver == "nats":
+        return {"url": request.getfixturevalue("nats_url")}
+    return {}
+
+
+def drop_storage(driver: str, options: dict[str, Any], channel: str) -> None:
+    """Remove what cluster ``channel`` left on its server: pgsql tables, JetStream
+    streams (Redis keys expire by themselves)."""
+    if driver == "pgsql":
+        from tests.drivers.pgsql.support import drop_tables
+
+        drop_tables(options["dsn"], channel)
+    elif driver == "nats":
+        from tests.drivers.nats.support import drop_streams
+
+        drop_streams(options["url"], channel)
 
 
 def variant(name: str) -> tuple[str, dict[str, Any]]:
@@ -176,11 +210,4 @@ class Cluster:
         for agent in self._agents:
             agent.stop()
         self._stack.close()
-        if self.driver == "pgsql":
-            from tests.drivers.pgsql.support import drop_tables
-
-            drop_tables(self._options["dsn"], self.channel)
-        elif self.driver == "nats":
-            from tests.drivers.nats.support import drop_streams
-
-            drop_streams(self._options["url"], self.channel)
+        drop_storage(self.driver, self._options, self.channel)

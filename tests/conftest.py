@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.cluster import VARIANTS, Cluster, variant
+from tests.cluster import VARIANTS, Cluster, server_options, variant
 from tests.servers import PostgresServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,13 +91,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     """Agent processes of one cluster, once per driver, plain and encrypted
     (tests.cluster)."""
     driver, options = variant(request.param)
-    if driver == "redis":
-        options["url"] = request.getfixturevalue("redis_url")
-    elif driver == "pgsql":
-        options["dsn"] = request.getfixturevalue("pg_dsn")
-    elif driver == "nats":
-        options["url"] = request.getfixturevalue("nats_url")
-    made = Cluster(driver, options, tmp_path)
+    made = Cluster(driver, {**options, **server_options(request, driver)}, tmp_path)
     try:
         yield made
     finally:

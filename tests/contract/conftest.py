@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import VARIANTS, variant
+from tests.cluster import VARIANTS, drop_storage, server_options, variant
 
 
 @pytest.fixture(params=VARIANTS)
@@ -27,15 +27,10 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     from crossws_channels.layer import BackplaneChannelLayer
 
     driver, options = variant(request.param)
+    options.update(server_options(request, driver))
     channel = f"ct-{uuid.uuid4().hex[:10]}"
     stack = contextlib.ExitStack()
-    if driver == "redis":
-        options["url"] = request.getfixturevalue("redis_url")
-    elif driver == "pgsql":
-        options["dsn"] = request.getfixturevalue("pg_dsn")
-    elif driver == "nats":
-        options["url"] = request.getfixturevalue("nats_url")
-    elif driver == "multiprocessing":
+    if driver == "multiprocessing":
         from tests.drivers.multiprocessing.support import RelayProcess, short_socket_dir
 
         socket_dir = stack.enter_context(short_socket_dir())
@@ -54,11 +49,5 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         for layer in layers:
             await asyncio.wait_for(layer.close(), 10)
         stack.close()
-        if driver == "pgsql":
-            from tests.drivers.pgsql.support import drop_tables
-
-            drop_tables(options["dsn"], channel)
-        elif driver == "nats":
-            from tests.drivers.nats.support import drop_streams_async
-
-            await drop_streams_async(options["url"], channel)
+        # In a thread: dropping JetStream streams runs an event loop of its own.
+        await asyncio.to_thread(drop_storage, driver, options, channel)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .session import Opener, Session
+from .session import Opener, Session, retrieve
 
 __all__ = ["Link", "StatementTimeout", "close_quietly", "first_line", "within"]
 
@@ -18,11 +18,6 @@ T = TypeVar("T")
 
 class StatementTimeout(TimeoutError):
     """A statement got no answer within ``statement_timeout``; its connection is closed."""
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 async def within(
@@ -41,11 +36,11 @@ async def within(
         done, _ = await asyncio.wait({task}, timeout=limit)
     except asyncio.CancelledError:
         task.cancel()
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         raise
     if done:
         return task.result()
-    task.add_done_callback(_retrieve)
+    task.add_done_callback(retrieve)
     session.abort()  # the statement fails now; the connection is freed once it has
     raise StatementTimeout(
         f"{what} got no answer from PostgreSQL within {limit:g} s (statement_timeout); "

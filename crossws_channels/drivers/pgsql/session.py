@@ -34,7 +34,7 @@ from crossws_channels.errors import ConfigurationError
 
 from .options import DEFAULT_APPLICATION_NAME, PgsqlOptions, classify_client
 
-__all__ = ["AsyncpgSession", "Opener", "PsycopgSession", "Session", "Sink", "sqlstate"]
+__all__ = ["AsyncpgSession", "Opener", "PsycopgSession", "Session", "Sink", "retrieve", "sqlstate"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ _ASYNCPG_NOTIFY_MANY = (
 )
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
+def retrieve(task: asyncio.Future[Any]) -> None:
     # Marks the outcome of a statement nobody waits for any more as seen.
     if not task.cancelled():
         task.exception()
@@ -410,12 +410,12 @@ class PsycopgSession(_Notifications):
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:
-            task.add_done_callback(_retrieve)
+            task.add_done_callback(retrieve)
             raise
         if done:
             task.result()
             return
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         if self.owned:
             # Make the stuck statement fail now, and let it finish before anyone closes
             # the connection. A user's connection is left as it is, statement included.
