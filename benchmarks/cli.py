@@ -27,13 +27,15 @@ from .scenario_b import ScenarioB
 from .scenario_c import ScenarioC
 from .scenario_d import ScenarioD
 from .scenario_e import ScenarioE
+from .scenario_f import ScenarioF
 from .subjects import DRIVER_SERVICES, SUBJECTS
 from .tables import case_table
 from .targets import summary_table
 from .trials import ScenarioResult, run_scenario
 
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (ScenarioA(), ScenarioB(), ScenarioC(), ScenarioD(), ScenarioE())
+    s.name: s
+    for s in (ScenarioA(), ScenarioB(), ScenarioC(), ScenarioD(), ScenarioE(), ScenarioF())
 }
 
 
@@ -51,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 trials (~2 min)")
     parser.add_argument(
-        "--scenarios", default="A,B,C,D,E", help="comma-separated subset of A,B,C,D,E"
+        "--scenarios",
+        default="A,B,C,D,E",
+        help="comma-separated subset of A,B,C,D,E,F (F, the cluster-size scan, is not run "
+        "unless named)",
     )
     parser.add_argument(
         "--drivers",
@@ -168,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [name.upper() for name in _csv(args.scenarios)]
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; use A, B, C, D, E")
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; use A, B, C, D, E, F")
     services = {SUBJECTS[key].service for key in selected}
     env = environment.prepare(
         args.redis_url,

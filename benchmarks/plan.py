@@ -31,6 +31,8 @@ class Sizes:
     # E: relayed messages, and consumer lifecycles.
     relayed: int = 1_000_000
     churn: int = 100_000
+    # F: messages per trial, spread over the N groups of the cluster.
+    scale_messages: int = 20_000
     # Receivers stop after this long without a message once the sender is done.
     idle: float = 2.0
     trial_timeout: float = 180.0
@@ -51,6 +53,7 @@ QUICK = Sizes(
     worker_messages=1_000,
     relayed=20_000,
     churn=4_000,
+    scale_messages=2_000,
     idle=1.0,
     trial_timeout=60.0,
 )

@@ -41,11 +41,13 @@ _PRELOAD = [
     "crossws_channels.drivers.multiprocessing",
     "crossws_channels.drivers.pgsql",
     "crossws_channels.drivers.redis",
+    "crossws_channels.drivers.nats",
     "benchmarks.scenario_a",
     "benchmarks.scenario_b",
     "benchmarks.scenario_c",
     "benchmarks.scenario_d",
     "benchmarks.scenario_e",
+    "benchmarks.scenario_f",
 ]
 
 _context: ForkServerContext | None = None

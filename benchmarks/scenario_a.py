@@ -31,6 +31,7 @@ from .raw import open_link, pipelined
 from .report import Metric
 from .subjects import (
     CROSS_PROCESS_LAYERS,
+    ROUTED,
     SEALED_REDIS,
     SUBJECTS,
     close_layer,
@@ -210,7 +211,7 @@ class ScenarioA:
                 Case(
                     label(members, DEFAULTS),
                     {"members": members, "messages": messages, "defaults": True},
-                    CROSS_PROCESS_LAYERS,
+                    CROSS_PROCESS_LAYERS + ROUTED,
                 )
                 for members, messages in sizes.messages
             ),

@@ -20,7 +20,7 @@ from .plan import Case, Layout, Sizes
 from .procs import Role, Sync, run_roles
 from .raw import RawLink, open_link
 from .report import Metric, percentile
-from .subjects import CROSS_PROCESS_LAYERS, close_layer, open_layer, short
+from .subjects import CROSS_PROCESS_LAYERS, ROUTED, close_layer, open_layer, short
 from .tally import message, raw_payload
 
 RAW = ("raw-redis", "raw-pg", "raw-nats")
@@ -142,7 +142,7 @@ class ScenarioB:
 
     def cases(self, sizes: Sizes) -> list[Case]:
         return [
-            Case("group_send", {"mode": "group_send"}, CROSS_PROCESS_LAYERS + RAW),
+            Case("group_send", {"mode": "group_send"}, CROSS_PROCESS_LAYERS + ROUTED + RAW),
             Case("send", {"mode": "send"}, CROSS_PROCESS_LAYERS + RAW),
         ]
 

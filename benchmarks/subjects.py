@@ -84,6 +84,20 @@ SUBJECTS: dict[str, Subject] = {
         Subject("raw-nats", "raw nats", "raw", "nats", "nats-py publish, each awaited"),
         Subject("raw-nats-pipe", "raw nats pipelined", "raw", "nats", "nats-py publish, one flush"),
         Subject(
+            "crossws-redis-groups",
+            "crossws redis groups",
+            "crossws",
+            "redis",
+            'this layer, redis driver, "routing": "groups"',
+        ),
+        Subject(
+            "crossws-nats-groups",
+            "crossws nats groups",
+            "crossws",
+            "nats",
+            'this layer, nats driver, "routing": "groups"',
+        ),
+        Subject(
             "crossws-redis-signed",
             "crossws redis signed",
             "crossws",
@@ -105,6 +119,10 @@ SEALED_REDIS = ("crossws-redis", "crossws-redis-signed", "crossws-redis-encrypte
 # The secret the sealed subjects share (a benchmark's, not a real one).
 BENCHMARK_KEY = "benchmark-only-secret-0123456789"
 
+
+# The same drivers with "routing": "groups" (A, B: what selective delivery costs one
+# instance; F: what it saves a cluster).
+ROUTED = ("crossws-redis-groups", "crossws-nats-groups")
 
 # The channel layers that relay between processes (A, B), in table order.
 CROSS_PROCESS_LAYERS = (
@@ -166,6 +184,8 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
         from crossws_channels.layer import BackplaneChannelLayer
 
         config: dict[str, Any] = {"channel": scope, **capacity}
+        if key.endswith("-groups"):
+            config.update(routing="groups")
         if key.startswith("crossws-redis"):
             config.update(driver="redis", url=env.redis_url)
             if key == "crossws-redis-signed":
@@ -174,7 +194,7 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
                 config.update(encryption_keys=[BENCHMARK_KEY])
         elif key == "crossws-pgsql":
             config.update(driver="pgsql", dsn=env.pg_dsn)
-        elif key == "crossws-nats":
+        elif key.startswith("crossws-nats"):
             config.update(driver="nats", url=env.nats_url)
         elif key == "crossws-mp":
             config.update(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .report import render, summarize
 from .scenario_a import DEFAULTS, SEALED, TRANSPORT, label
 from .scenario_e import FLAT_MIB
+from .scenario_f import INSTANCES
 from .trials import ScenarioResult
 
 Check = Callable[["Results"], tuple[bool | None, str]]
@@ -171,6 +172,47 @@ def _b(subject: str, raw: str, metric: str, bound: float) -> Check:
     )
 
 
+def _growth(subject: str, bound: float, flat: bool) -> Check:
+    """F: µs per delivered message with 16 instances against 2: at most ``bound`` times
+    (``flat``), or more than ``bound`` times (broadcast, which is expected to grow)."""
+
+    def check(results: Results) -> tuple[bool | None, str]:
+        small = results.median("F", f"N={INSTANCES[-1]} ", subject, "us_per_msg")
+        large = results.median("F", f"N={INSTANCES[0]} ", subject, "us_per_msg")
+        if small is None or not large:
+            return None, "not measured"
+        ratio = large / small
+        return (ratio <= bound if flat else ratio > bound), f"{ratio:.2f}x"
+
+    return check
+
+
+def _routed(driver: str) -> list[Target]:
+    mine, broadcast = f"crossws-{driver}-groups", f"crossws-{driver}"
+    return [
+        Target(
+            driver,
+            f'F "routing": "groups": µs/msg at N={INSTANCES[0]} ≤ 1.5x N={INSTANCES[-1]}',
+            _growth(mine, 1.5, flat=True),
+        ),
+        Target(
+            driver,
+            f"F broadcast: µs/msg grows with N (N={INSTANCES[0]} > 1.5x N={INSTANCES[-1]})",
+            _growth(broadcast, 1.5, flat=False),
+        ),
+        Target(
+            driver,
+            'A K=1 defaults "routing": "groups" ≥ 0.9x broadcast, no loss',
+            _both(_ratio("A", A1, "rate", mine, broadcast, 0.9, True), _lossless(A1, mine)),
+        ),
+        Target(
+            driver,
+            'B group_send p50 "routing": "groups" ≤ 1.1x broadcast',
+            _ratio("B", "group_send", "p50", mine, broadcast, 1.1, False),
+        ),
+    ]
+
+
 A1, A100 = label(1, DEFAULTS), label(100, DEFAULTS)
 S1 = label(1, SEALED)
 T1, T100 = label(1, TRANSPORT), label(100, TRANSPORT)
@@ -284,6 +326,8 @@ TARGETS = [
         "A K=1 transport ≥ 1x crossws redis",
         _ratio("A", T1, "rate", "crossws-mp", "crossws-redis", 1, True),
     ),
+    *_routed("redis"),
+    *_routed("nats"),
     *(
         Target(driver, "E flat (relayed, churn)", _flat(f"crossws-{key}"))
         for driver, key in (("redis", "redis"), ("pgsql", "pgsql"), ("multiprocessing", "mp"))

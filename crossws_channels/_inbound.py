@@ -37,6 +37,7 @@ from ._monitor import HEARTBEAT, PING, PONG, Census, Heartbeat, Pinger, Sequence
 from ._outbox import Outbox
 from ._registry import Registry
 from ._reporting import Reporter, Stats
+from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, Unauthenticated
 from .envelope import SyncMessage, decode_envelope
 from .errors import MalformedMessage, MessagesLost, Stage
@@ -132,12 +133,16 @@ class Inbound:
         driver_name: str,
         max_envelope: int,
         guard: ReplayGuard | None = None,
+        routes: Routes | None = None,
     ) -> None:
         self._frames = frames
         # With signing_keys or encryption_keys: what is not sealed by the cluster, or
         # seen before, is refused before anything acts on it.
         self._sealer: Sealer | None = frames.sealer
         self._guard = guard
+        # Routing "groups": group messages are numbered per topic, and a remote
+        # group_add may need a topic subscribed.
+        self._routes = routes
         self._max_envelope = max_envelope
         self._instance_id = frames.instance_id
         self._registry = registry
@@ -267,11 +272,14 @@ class Inbound:
         if "!" in topic:
             self._on_direct(sender, topic, data, envelope.seq, envelope.ask)
             return None
-        if envelope.seq is not None:
-            self._count_gap(sender, envelope.seq)
         if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
             logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
             return None
+        if envelope.seq is not None:
+            routes = self._routes
+            self._count_gap(
+                sender, envelope.seq, None if routes is None else routes.gap_key(sender, topic)
+            )
         # A numbered envelope comes from a layer instance, whose data is a serialized
         # message (the fan-out or the receiver decodes it); crossws peers' data is
         # checked and wrapped here.
@@ -304,8 +312,8 @@ class Inbound:
         if credit is not None:
             self._grants.send([credit])
 
-    def _count_gap(self, sender: str, seq: int) -> None:
-        missing = self._gaps.observe(sender, seq)
+    def _count_gap(self, sender: str, seq: int, stream: str | None = None) -> None:
+        missing = self._gaps.observe(sender, seq, stream)
         if missing is None:
             self._stats.incr("implausible_seq")
             self._reporter.tally("implausible", None, "delivery", _implausible, 1, [sender])
@@ -346,7 +354,10 @@ class Inbound:
         if owner(channel) != self._instance_id:
             return
         if topic == GROUP_ADD:
-            self._registry.group_add(group, channel)
+            created = self._registry.group_add(group, channel)
+            routes = self._routes
+            if routes is not None:
+                routes.want(routes.joined(group) if created else routes.topic_of(group))
         else:
             self._registry.group_discard(group, channel)
 

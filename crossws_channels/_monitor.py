@@ -48,20 +48,27 @@ MAX_PLAUSIBLE_GAP = 10_000_000
 
 
 class SequenceGaps:
-    """Counts, per sender, the sequence numbers that never arrived."""
+    """Counts, per sender, the sequence numbers that never arrived.
+
+    A sender numbers its broadcasts in one stream, and (routing "groups") its messages
+    on each topic in a stream of that topic: each stream is followed on its own, and
+    what is missing is added up per sender.
+    """
 
     def __init__(self) -> None:
         self._last: OrderedDict[str, int] = OrderedDict()
         self.missing: dict[str, int] = {}
 
-    def observe(self, sender: str, seq: int) -> int | None:
-        """Record ``seq`` from ``sender``; return how many messages before it are missing,
-        or None for a number no real sender could have reached (then nothing is recorded)."""
-        last = self._last.get(sender)
+    def observe(self, sender: str, seq: int, stream: str | None = None) -> int | None:
+        """Record ``seq`` from ``sender`` (in ``stream``, its broadcasts by default);
+        return how many messages before it are missing, or None for a number no real
+        sender could have reached (then nothing is recorded)."""
+        key = sender if stream is None else stream
+        last = self._last.get(key)
         if last is not None and seq - last > MAX_PLAUSIBLE_GAP:
             return None
-        self._last[sender] = max(seq, last or 0)
-        self._last.move_to_end(sender)
+        self._last[key] = max(seq, last or 0)
+        self._last.move_to_end(key)
         if len(self._last) > MAX_SENDERS:
             forgotten, _ = self._last.popitem(last=False)
             self.missing.pop(forgotten, None)
@@ -69,7 +76,10 @@ class SequenceGaps:
             # The first message from a sender starts its count; a late one closes no gap.
             return 0
         gap = seq - last - 1
-        self.missing[sender] = self.missing.get(sender, 0) + gap
+        missing = self.missing
+        if sender not in missing and len(missing) >= MAX_SENDERS:
+            missing.pop(next(iter(missing)))
+        missing[sender] = missing.get(sender, 0) + gap
         return gap
 
 
@@ -149,12 +159,14 @@ class Census:
         registry: Registry,
         gaps: SequenceGaps,
         connected: Callable[[], bool],
+        sizes: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        self._header = header  # instance id, driver, channel
+        self._header = header  # instance id, driver, channel, routing
         self._stats = stats
         self._registry = registry
         self.gaps = gaps
         self._connected = connected
+        self._sizes = sizes  # more sizes to show (the routes' topics)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -163,6 +175,7 @@ class Census:
             **self._stats.snapshot(),
             "lost_by_sender": dict(self.gaps.missing),
             **self._registry.sizes(),
+            **(self._sizes() if self._sizes is not None else {}),
         }
 
 

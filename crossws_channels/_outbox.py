@@ -19,7 +19,15 @@ from typing import cast
 from ._health import Outage
 from ._home import Home
 from ._reporting import Reporter, Stats
-from .drivers.base import Driver, SubscribingDriver, SupportsBatch, SupportsDirect, capabilities
+from .drivers.base import (
+    Driver,
+    SubscribingDriver,
+    SupportsBatch,
+    SupportsDirect,
+    SupportsTopics,
+    Topic,
+    capabilities,
+)
 from .errors import BackplaneOverloaded
 
 logger = logging.getLogger("crossws_channels")
@@ -180,7 +188,9 @@ class Outbox:
                 sent = len(batch)
             else:
                 for item in batch:
-                    if item.target is not None and can.direct:
+                    if type(item.target) is Topic:
+                        await cast(SupportsTopics, driver).publish_topic(item.target, item.text)
+                    elif item.target is not None and can.direct:
                         await cast(SupportsDirect, driver).publish_to(item.target, item.text)
                     else:
                         await driver.publish(item.text)

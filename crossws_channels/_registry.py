@@ -116,7 +116,12 @@ class Registry:
     """Mailboxes and group memberships of one layer instance."""
 
     def __init__(
-        self, capacity_for: Callable[[str], int], shared_workers: bool, expiry: float
+        self,
+        capacity_for: Callable[[str], int],
+        shared_workers: bool,
+        expiry: float,
+        *,
+        track_vanished: bool = False,
     ) -> None:
         self.lock = threading.Lock()
         self._expiry = expiry
@@ -130,6 +135,10 @@ class Registry:
         self._emptied: set[str] = set()
         self._groups: dict[str, dict[str, float]] = {}
         self._memberships: dict[str, set[str]] = {}
+        # Groups whose last member here left, one entry each time (routing "groups":
+        # the routes stop listening to a topic no group here needs any more).
+        self._vanished: list[str] = []
+        self._track_vanished = track_vanished
 
     # Mailboxes
 
@@ -410,10 +419,16 @@ class Registry:
 
     # Groups
 
-    def group_add(self, group: str, channel: str) -> None:
+    def group_add(self, group: str, channel: str) -> bool:
+        """Add the membership; return whether ``group`` had no member here before."""
         with self.lock:
-            self._groups.setdefault(group, {})[channel] = monotonic()
+            members = self._groups.get(group)
+            created = members is None
+            if members is None:
+                members = self._groups[group] = {}
+            members[channel] = monotonic()
             self._memberships.setdefault(channel, set()).add(group)
+        return created
 
     def group_discard(self, group: str, channel: str) -> None:
         with self.lock:
@@ -425,6 +440,8 @@ class Registry:
             members.pop(channel, None)
             if not members:
                 del self._groups[group]
+                if self._track_vanished:
+                    self._vanished.append(group)
         groups = self._memberships.get(channel)
         if groups is not None:
             groups.discard(group)
@@ -500,9 +517,18 @@ class Registry:
                 if not box.waiters:
                     del self._mailboxes[channel]
             self._pending.clear()
+            if self._track_vanished:
+                self._vanished.extend(self._groups)
             self._groups.clear()
             self._memberships.clear()
         return credits
+
+    def take_vanished(self) -> list[str]:
+        """The groups that lost their last member here since the last call, once for
+        each time they did (a group may have come back since)."""
+        with self.lock:
+            vanished, self._vanished = self._vanished, []
+        return vanished
 
     def sizes(self) -> dict[str, int]:
         """How much this instance holds, for ``stats()`` and leak tests."""

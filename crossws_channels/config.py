@@ -16,7 +16,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from .drivers import BUILTIN, Driver, DriverFactory, SubscribingDriver, resolve_factory
-from .drivers.base import DeclaresLimits, DeclaresOptions
+from .drivers.base import DeclaresLimits, DeclaresOptions, capabilities
 from .errors import ConfigurationError, ErrorHandler
 
 __all__ = [
@@ -49,6 +49,8 @@ LAYER_KEYS = frozenset(
         "signing_keys",
         "encryption_keys",
         "replay_window",
+        "routing",
+        "routing_partitions",
     }
 )
 """Keys the layer uses itself; every other CONFIG key is an option of the driver."""
@@ -69,6 +71,10 @@ MAX_BACKPRESSURE = 10.0
 # relaying delays (a paused subscription, a backlog) and for clocks that disagree.
 DEFAULT_REPLAY_WINDOW = 60.0
 MIN_REPLAY_WINDOW = 1.0
+ROUTINGS = ("broadcast", "groups")
+# More partitions than this would be a subscription per group anyway, with none of the
+# naming that makes one topic per group readable (routing_partitions = 0).
+MAX_PARTITIONS = 65536
 # A secret shorter than this is too easy to guess offline from one signed envelope.
 MIN_SECRET_BYTES = 16
 
@@ -94,6 +100,8 @@ class LayerConfig:
     signing_keys: tuple[bytes, ...] = ()
     encryption_keys: tuple[bytes, ...] = ()
     replay_window: float = DEFAULT_REPLAY_WINDOW
+    routing: str = "broadcast"
+    routing_partitions: int = 0
     alias: str | None = None
 
     @property
@@ -243,6 +251,31 @@ def _sealing(
     return signing, encryption, float(window)
 
 
+def _routing(config: Mapping[str, Any], alias: str | None) -> tuple[str, int]:
+    routing = config.get("routing", "broadcast")
+    if routing not in ROUTINGS:
+        raise ConfigurationError(
+            f"{setting_path(alias, 'routing')} must be 'broadcast' (every instance hears "
+            f"every group_send) or 'groups' (only the instances with members), got {routing!r}"
+        )
+    partitions = config.get("routing_partitions", 0)
+    if (
+        isinstance(partitions, bool)
+        or not isinstance(partitions, int)
+        or not 0 <= partitions <= MAX_PARTITIONS
+    ):
+        raise ConfigurationError(
+            f"{setting_path(alias, 'routing_partitions')} must be an integer from 0 (one "
+            f"topic per group) to {MAX_PARTITIONS}, got {partitions!r}"
+        )
+    if partitions and routing != "groups":
+        raise ConfigurationError(
+            f"{setting_path(alias, 'routing_partitions')} is set but "
+            f"{setting_path(alias, 'routing')} is not 'groups': partitions route groups"
+        )
+    return str(routing), partitions
+
+
 def _on_error(value: object, alias: str | None) -> ErrorHandler | None:
     where = setting_path(alias, "on_error")
     if value is None:
@@ -317,6 +350,7 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
             f"to {MAX_BACKPRESSURE:g}, got {backpressure!r}"
         )
     signing_keys, encryption_keys, replay_window = _sealing(config, alias)
+    routing, partitions = _routing(config, alias)
     factory, driver_name = _driver(config.get("driver"), alias)
     options = {key: value for key, value in config.items() if key not in LAYER_KEYS}
     options["channel"] = channel
@@ -338,6 +372,8 @@ def parse_config(config: Mapping[str, Any], alias: str | None = None) -> LayerCo
         signing_keys=signing_keys,
         encryption_keys=encryption_keys,
         replay_window=replay_window,
+        routing=routing,
+        routing_partitions=partitions,
         alias=alias,
     )
 
@@ -371,7 +407,7 @@ def build_driver(config: LayerConfig, instance_id: str) -> Driver | SubscribingD
     if isinstance(config.driver, DeclaresLimits):
         _check_capacities(config, config.driver.MAX_CAPACITY)
     try:
-        return config.driver(instance_id, config.options)
+        driver = config.driver(instance_id, config.options)
     except ConfigurationError as exc:
         where = setting_path(config.alias, exc.key)
         separator = " " if exc.key else ": "
@@ -381,3 +417,10 @@ def build_driver(config: LayerConfig, instance_id: str) -> Driver | SubscribingD
             f"{setting_path(config.alias, 'driver')}: building the {config.driver_name!r} "
             f"driver failed: {exc}"
         ) from exc
+    if config.routing == "groups" and not capabilities(driver).topics:
+        raise ConfigurationError(
+            f"{setting_path(config.alias, 'routing')} is 'groups', but the "
+            f"{config.driver_name!r} driver can't deliver to some instances only; use "
+            "'broadcast' with it (drivers with topics: redis, nats, local)"
+        )
+    return driver

@@ -49,6 +49,7 @@ from ._monitor import HEARTBEAT, PING, Census, Heartbeat, Pong, SequenceGaps
 from ._outbox import Outbox
 from ._registry import Payload, Registry
 from ._reporting import Reporter, Stats
+from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, derive_keys
 from ._workers import WorkerChannels
 from .config import LayerConfig, build_driver, find_alias, parse_config
@@ -115,7 +116,13 @@ class BackplaneChannelLayer(BaseChannelLayer):
         home = Home()
         health = Health()
         self._reporter = reporter = Reporter(config.on_error, stats, home)
-        self._registry = registry = Registry(self.get_capacity, can.worker_queue, config.expiry)
+        routed = config.routing == "groups"
+        self._registry = registry = Registry(
+            self.get_capacity, can.worker_queue, config.expiry, track_vanished=routed
+        )
+        self._routes = routes = (
+            Routes(config.routing_partitions, registry, reporter) if routed else None
+        )
         sealer, guard = _sealing(config)
         self._frames = frames = Frames(self.instance_id, config.namespace, sealer)
         self._outbox = outbox = Outbox(home, stats, reporter, health.publishing)
@@ -145,11 +152,13 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 "instance_id": self.instance_id,
                 "driver": config.driver_name,
                 "channel": config.channel,
+                "routing": config.routing,
             },
             stats,
             registry,
             SequenceGaps(),
             connected=lambda: home.loop is not None and health.ok(),
+            sizes=None if routes is None else routes.sizes,
         )
         self._census = census
         heartbeat = self._make_heartbeat(driver, health, flow)
@@ -170,6 +179,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             driver_name=config.driver_name,
             max_envelope=envelope_limit(config.max_message_size),
             guard=guard,
+            routes=routes,
         )
         housekeeping = Housekeeping(
             registry,
@@ -182,6 +192,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
         jobs: list[Job] = [housekeeping.run]
         if heartbeat is not None:
             jobs.append(heartbeat.run)
+        if routes is not None:
+            jobs.append(routes.run)
         self._backplane = Backplane(
             home=home,
             factory=config.driver,
@@ -194,6 +206,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
             jobs=jobs,
             stats=stats,
         )
+        if routes is not None:
+            routes.bind(self._backplane.call)
         self._supports_flush = can.flush
         self._valid_names: set[str] = set()
 
@@ -377,7 +391,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
             frame = self._frames.frame(operation, json.dumps([group, channel]))
             await self._backplane.publish(target, frame)
         elif operation == GROUP_ADD:
-            self._registry.group_add(group, channel)
+            created = self._registry.group_add(group, channel)
+            routes = self._routes
+            if routes is not None:
+                # Subscribed before returning: what is sent to the group from now on
+                # reaches this member (docs/semantics.md, "Routing").
+                await routes.ensure(routes.joined(group) if created else routes.topic_of(group))
         else:
             self._registry.group_discard(group, channel)
 
@@ -387,7 +406,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         payload = self._serialize(message)
         await self._backplane.ensure()
         self._delivery.to_group(group, payload)
-        await self._backplane.publish(None, self._frames.broadcast(group, payload))
+        routes = self._routes
+        if routes is None:
+            await self._backplane.publish(None, self._frames.broadcast(group, payload))
+        else:
+            topic = routes.topic_of(group)
+            await self._backplane.publish(topic, self._frames.routed(topic, group, payload))
 
     async def flush(self) -> None:
         """Forget this instance's messages and groups, and the cluster's worker queues."""

@@ -27,6 +27,7 @@ from tests.loops import OtherLoop
 __all__ = [
     "DRIVERS",
     "NETWORK_DRIVERS",
+    "SENTINEL",
     "VARIANTS",
     "Cluster",
     "ThreadAgent",
@@ -40,13 +41,30 @@ DRIVERS = ("local", *NETWORK_DRIVERS)
 # Each driver again with encryption_keys (which signs every envelope too): sealed
 # envelopes must behave exactly like plain ones.
 ENCRYPTED = "+encrypted"
-VARIANTS = (*DRIVERS, *(driver + ENCRYPTED for driver in DRIVERS))
+# The drivers with topics again with routing "groups" (one topic per group), and redis
+# with partitions of groups: selective delivery must keep every promise broadcast does.
+GROUPS = "+groups"
+PARTITIONS = "+partitions"
+# redis through a master, a replica and three sentinels of the session's own.
+SENTINEL = "+sentinel"
+ROUTED = ("local", "redis", "nats")
+VARIANTS = (
+    *DRIVERS,
+    *(driver + ENCRYPTED for driver in DRIVERS),
+    *(driver + GROUPS for driver in ROUTED),
+    "redis" + PARTITIONS,
+    "redis" + SENTINEL,
+)
 CLUSTER_KEYS = ["contract-suite-key-" + "k" * 16]
 
 
-def server_options(request: Any, driver: str) -> dict[str, Any]:
+def server_options(request: Any, driver: str, via: str = "") -> dict[str, Any]:
     """The CONFIG that reaches the shared server of ``driver`` (from the conftest
-    fixtures, which skip or fail when it is down); none for the other drivers."""
+    fixtures, which skip or fail when it is down); none for the other drivers. ``via``
+    :data:`SENTINEL`: the session's sentinels instead."""
+    if via == SENTINEL:
+        deployment = request.getfixturevalue("sentinel_deployment")
+        return {"sentinels": deployment.addresses, "master_name": deployment.MASTER_NAME}
     if driver == "redis":
         return {"url": request.getfixturevalue("redis_url")}
     if driver == "pgsql":
@@ -73,6 +91,13 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
     """The driver of a :data:`VARIANTS` name, and the CONFIG the variant adds."""
     if name.endswith(ENCRYPTED):
         return name[: -len(ENCRYPTED)], {"encryption_keys": CLUSTER_KEYS}
+    if name.endswith(GROUPS):
+        return name[: -len(GROUPS)], {"routing": "groups"}
+    if name.endswith(SENTINEL):
+        return name[: -len(SENTINEL)], {}
+    if name.endswith(PARTITIONS):
+        # Few partitions, so that the groups of a test share some.
+        return name[: -len(PARTITIONS)], {"routing": "groups", "routing_partitions": 4}
     return name, {}
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.cluster import VARIANTS, Cluster, server_options, variant
-from tests.servers import PostgresServer, RedisServer
+from tests.servers import PostgresServer, RedisServer, SentinelDeployment
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -79,6 +79,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def sentinel_deployment() -> Iterator[SentinelDeployment]:
+    """A master, a replica and three sentinels on free ports, shared by the session's
+    contract tests (which never fail it over: the failover tests start their own)."""
+    with SentinelDeployment() as deployment:
+        yield deployment
+
+
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
     """A private PostgreSQL server the test may stop and restart."""
@@ -91,7 +99,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     """Agent processes of one cluster, once per driver, plain and encrypted
     (tests.cluster)."""
     driver, options = variant(request.param)
-    made = Cluster(driver, {**options, **server_options(request, driver)}, tmp_path)
+    servers = server_options(request, driver, request.param[len(driver) :])
+    made = Cluster(driver, {**options, **servers}, tmp_path)
     try:
         yield made
     finally:

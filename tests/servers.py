@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["NatsServer", "PostgresServer", "RedisServer", "free_port", "wait_for_port"]
+__all__ = [
+    "NatsServer",
+    "PostgresServer",
+    "RedisServer",
+    "SentinelDeployment",
+    "free_port",
+    "wait_for_port",
+]
 
 
 _Self = TypeVar("_Self", bound="_ServerProcess")
@@ -85,8 +92,9 @@ class _ServerProcess:
 class RedisServer(_ServerProcess):
     """A throwaway ``redis-server`` on a free port, nothing kept on disk."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         super().__init__(port, "crossws-redis-")
+        self.extra = extra  # more command-line options (--replicaof ...)
 
     @property
     def url(self) -> str:
@@ -113,11 +121,143 @@ class RedisServer(_ServerProcess):
                 "no",
                 "--logfile",
                 str(self.dir / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
+
+
+class _Sentinel(_ServerProcess):
+    """One ``redis-server --sentinel`` watching ``master``."""
+
+    def __init__(self, master_name: str, master_port: int) -> None:
+        super().__init__(None, "crossws-sentinel-")
+        conf = self.dir / "sentinel.conf"
+        # Quick to notice and to fail over: tests wait for it.
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 4000\n"
+            f"sentinel parallel-syncs {master_name} 1\n"
+        )
+        self.conf = conf
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        with (self.dir / "sentinel.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, str(self.conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.port)
+
+
+class SentinelDeployment:
+    """A master, a replica and three sentinels (quorum 2), every one on a free port.
+
+    ``kill_master()`` kills the current master's process; the sentinels promote the
+    replica about two seconds later (``wait_for_new_master``).
+    """
+
+    MASTER_NAME = "crossws-test"
+
+    def __init__(self) -> None:
+        self.servers = [RedisServer()]
+        self.servers.append(
+            RedisServer(extra=("--replicaof", "127.0.0.1", str(self.servers[0].port)))
+        )
+        self.sentinels = [_Sentinel(self.MASTER_NAME, self.servers[0].port) for _ in range(3)]
+
+    @property
+    def addresses(self) -> list[str]:
+        """The sentinels, as the driver's ``sentinels`` option takes them."""
+        return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def _ask(self, *command: str) -> object:
+        import redis
+
+        for sentinel in self.sentinels:
+            if sentinel.process is None:
+                continue
+            try:
+                with redis.Redis(port=sentinel.port, socket_timeout=1) as client:
+                    return client.execute_command(*command)
+            except redis.RedisError:
+                continue
+        return None
+
+    def master_port(self) -> int | None:
+        answer = self._ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)
+        if isinstance(answer, (list, tuple)) and len(answer) == 2:
+            return int(answer[1])
+        return None
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(server for server in self.servers if server.port == port)
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        self._wait_until_watched()
+
+    def _wait_until_watched(self, timeout: float = 30.0) -> None:
+        """Until every sentinel knows the replica and the other two sentinels: only then
+        can they agree on a failover."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = 0
+            for sentinel in self.sentinels:
+                try:
+                    with redis.Redis(port=sentinel.port, socket_timeout=1) as client:
+                        replicas = client.execute_command("SENTINEL", "REPLICAS", self.MASTER_NAME)
+                        peers = client.execute_command("SENTINEL", "SENTINELS", self.MASTER_NAME)
+                except redis.RedisError:
+                    continue
+                if len(replicas) >= 1 and len(peers) >= 2:
+                    ready += 1
+            if ready == len(self.sentinels):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the sentinels did not discover each other and the replica")
+
+    def kill_master(self) -> int:
+        """Kill the current master; return its port."""
+        port = self.master_port()
+        assert port is not None, "no master known to the sentinels"
+        self.server_on(port).stop()
+        return port
+
+    def wait_for_new_master(self, old: int, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.master_port()
+            if port is not None and port != old:
+                return port
+            time.sleep(0.05)
+        raise TimeoutError("the sentinels promoted no new master")
+
+    def close(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            process.close()
+
+    def __enter__(self) -> SentinelDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class NatsServer(_ServerProcess):

@@ -25,7 +25,9 @@ from .base import (
     SupportsBatch,
     SupportsDirect,
     SupportsFlush,
+    SupportsTopics,
     SupportsWorkerQueue,
+    Topic,
     capabilities,
 )
 
@@ -44,7 +46,9 @@ __all__ = [
     "SupportsBatch",
     "SupportsDirect",
     "SupportsFlush",
+    "SupportsTopics",
     "SupportsWorkerQueue",
+    "Topic",
     "capabilities",
     "resolve_factory",
     "setup_primary",

@@ -36,13 +36,28 @@ __all__ = [
     "SupportsBatch",
     "SupportsDirect",
     "SupportsFlush",
+    "SupportsTopics",
     "SupportsWorkerQueue",
+    "Topic",
     "capabilities",
 ]
 
+
+class Topic(str):
+    """A target that is a topic (``"routing": "groups"``), not an instance.
+
+    The layer names topics ``g.<group>`` (one per group) or ``p.<number>`` (one per
+    partition of groups, with ``routing_partitions``); a driver maps them to its own
+    wire names. Only a driver with :class:`SupportsTopics` is ever given one.
+    """
+
+    __slots__ = ()
+
+
 Outgoing: TypeAlias = tuple["str | None", str]
-"""One message to relay: the target instance id (``None`` for every instance) and the
-envelope text."""
+"""One message to relay: its target and the envelope text. The target is ``None`` for
+every instance, an instance id for one instance, or a :class:`Topic` (a ``str``
+subclass: test ``type(target) is Topic``) for the instances listening to that topic."""
 
 Ready: TypeAlias = Callable[[], None]
 """What :meth:`Driver.listen` calls once its subscription is in place."""
@@ -200,6 +215,30 @@ class SupportsWorkerQueue(Protocol):
 
 
 @runtime_checkable
+class SupportsTopics(Protocol):
+    """Selective delivery: what is published on a topic reaches only the instances
+    listening to it (``"routing": "groups"``).
+
+    The driver keeps the set of topics this instance listens to. ``listen`` subscribes
+    to all of them (besides what it always subscribes to) before it calls ``ready()``,
+    every time it is called, so that a new subscription after an outage hears the same
+    topics. The three methods are called on the event loop ``listen`` runs on.
+    """
+
+    async def publish_topic(self, topic: str, envelope: str, /) -> None:
+        """Relay ``envelope`` to the instances listening to ``topic``."""
+
+    async def listen_to(self, topics: Sequence[str], /) -> None:
+        """Add ``topics`` to the set; return once the backplane confirmed them on the
+        live subscription (at once when there is none: ``listen`` will subscribe).
+        Raise if it could not; the set keeps them either way."""
+
+    async def stop_listening(self, topics: Sequence[str], /) -> None:
+        """Remove ``topics`` from the set and from the live subscription, if any. What
+        was in flight on them may still arrive."""
+
+
+@runtime_checkable
 class SupportsFlush(Protocol):
     """Delete what the cluster keeps in the backplane (worker queues), for ``flush()``."""
 
@@ -217,6 +256,7 @@ class Capabilities:
     batch: bool
     worker_queue: bool
     flush: bool
+    topics: bool = False
 
 
 _known: dict[type, Capabilities] = {}
@@ -235,5 +275,6 @@ def capabilities(driver: object) -> Capabilities:
             batch=isinstance(driver, SupportsBatch),
             worker_queue=isinstance(driver, SupportsWorkerQueue),
             flush=isinstance(driver, SupportsFlush),
+            topics=isinstance(driver, SupportsTopics),
         )
     return found

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..loops import wake
-from .base import Deliver, Outgoing, Ready
+from .base import Deliver, Outgoing, Ready, Topic
 
 __all__ = ["INBOX_LIMIT", "ROOM_WAIT", "LocalDriver"]
 
@@ -43,11 +43,13 @@ class _SharedQueue:
 class _Subscriber:
     """One instance's subscription: an inbox delivered in order on the instance's loop."""
 
-    __slots__ = ("_inbox", "_lock", "_paused", "_room", "deliver", "loop", "queued")
+    __slots__ = ("_inbox", "_lock", "_paused", "_room", "deliver", "loop", "queued", "topics")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, topics: set[str]) -> None:
         self.loop = loop
         self.deliver = deliver
+        # The instance's topics (its driver's set, shared): read by publishers.
+        self.topics = topics
         self._inbox: deque[str] = deque()
         self._paused = False
         self._lock = threading.Lock()
@@ -131,6 +133,7 @@ class LocalDriver:
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         self._instance_id = instance_id
         self._channel = str(options["channel"])
+        self._topics: set[str] = set()
 
     def _cluster(self) -> _Cluster:
         cluster = _clusters.get(self._channel)
@@ -142,7 +145,13 @@ class LocalDriver:
         with _lock:
             subscribers = list(self._cluster().subscribers.items())
         for instance_id, subscriber in subscribers:
-            texts = [text for target, text in batch if target is None or target == instance_id]
+            topics = subscriber.topics
+            texts = [
+                text
+                for target, text in batch
+                if target is None
+                or (target in topics if type(target) is Topic else target == instance_id)
+            ]
             if not texts:
                 continue
             if subscriber.queued >= INBOX_LIMIT:
@@ -167,10 +176,20 @@ class LocalDriver:
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
         await self._post(batch)
 
+    async def publish_topic(self, topic: str, envelope: str, /) -> None:
+        await self._post([(Topic(topic), envelope)])
+
+    async def listen_to(self, topics: Sequence[str], /) -> None:
+        # Publishers read the set as it is: in place at once.
+        self._topics.update(topics)
+
+    async def stop_listening(self, topics: Sequence[str], /) -> None:
+        self._topics.difference_update(topics)
+
     async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
         """Receive what the cluster's instances publish, until cancelled: nothing can
         break a subscription in memory."""
-        subscriber = _Subscriber(asyncio.get_running_loop(), deliver)
+        subscriber = _Subscriber(asyncio.get_running_loop(), deliver, self._topics)
         with _lock:
             self._cluster().subscribers[self._instance_id] = subscriber
         try:

@@ -27,7 +27,7 @@ async def make_layer(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     from crossws_channels.layer import BackplaneChannelLayer
 
     driver, options = variant(request.param)
-    options.update(server_options(request, driver))
+    options.update(server_options(request, driver, request.param[len(driver) :]))
     channel = f"ct-{uuid.uuid4().hex[:10]}"
     stack = contextlib.ExitStack()
     if driver == "multiprocessing":

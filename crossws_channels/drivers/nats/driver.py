@@ -3,7 +3,9 @@
 One driver per layer instance, over one NATS connection (:mod:`.connection`). Group
 broadcasts are published on the subject named exactly ``channel``, sends to one
 instance's channels on ``<channel>.instance.<instance id>``, which only that instance
-subscribes to. Worker channels are JetStream streams (:mod:`.queues`). NATS delivers a
+subscribes to, and messages for a topic (routing "groups") on ``<channel>.<topic>``,
+which the instances with the topic's groups subscribe to: the server delivers each
+message to those only. Worker channels are JetStream streams (:mod:`.queues`). NATS delivers a
 publish to the publishing connection too, so the layer's heartbeat comes back as the
 echo of its own broadcast, as on Redis.
 
@@ -19,7 +21,7 @@ from typing import Any
 
 from crossws_channels.errors import ConfigurationError
 
-from ..base import Deliver, Outgoing, Ready
+from ..base import Deliver, Outgoing, Ready, Topic
 from .chunks import HEADER, Assembler, split
 from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost
 from .options import DRIVER_KEYS, NatsNames, NatsOptions
@@ -64,6 +66,10 @@ class NatsDriver:
         self._connection = Connection(self.options, f"crossws_channels:{instance_id}")
         self._queues = WorkerStreams(self._connection, self.names, self.options.stream_replicas)
         self._closed = False
+        # The topic subjects this instance listens to (routing "groups"), kept across
+        # connections, each with its subscription on the live one.
+        self._topics: dict[str, Any] = {}
+        self._live: tuple[Any, Any] | None = None  # the listening client, its callback
 
     def __repr__(self) -> str:
         return f"<NatsDriver channel={self.options.channel!r} instance={self.instance_id!r}>"
@@ -92,8 +98,19 @@ class NatsDriver:
         client = await self._connection.get()
         names = self.names
         for target, envelope in batch:
-            subject = names.broadcast if target is None else names.direct(target)
+            if target is None:
+                subject = names.broadcast
+            elif type(target) is Topic:
+                subject = names.topic(target)
+            else:
+                subject = names.direct(target)
             await self._send(client, subject, envelope.encode("utf-8"))
+
+    async def publish_topic(self, topic: str, envelope: str, /) -> None:
+        """Publish ``envelope`` on ``topic``'s subject."""
+        self._require_open()
+        client = await self._connection.get()
+        await self._send(client, self.names.topic(topic), envelope.encode("utf-8"))
 
     async def _send(self, client: Any, subject: str, data: bytes) -> None:
         limit = client.max_payload
@@ -103,6 +120,43 @@ class NatsDriver:
         # Larger than the server takes in one message: in parts (see .chunks).
         for part, headers in split(self.instance_id, data, limit):
             await client.publish(subject, part, headers=headers)
+
+    # Topics
+
+    async def listen_to(self, topics: Sequence[str], /) -> None:
+        """Subscribe to ``topics``' subjects too; return once the server has them."""
+        self._require_open()
+        added = []
+        for topic in topics:
+            subject = self.names.topic(topic)
+            if subject not in self._topics:
+                self._topics[subject] = None
+                added.append(subject)
+        live = self._live
+        if live is None or not added:
+            return
+        client, on_message = live
+        for subject in added:
+            if subject in self._topics and self._topics[subject] is None:
+                self._topics[subject] = await self._subscribe(client, subject, on_message)
+        await _confirmed(client)
+
+    async def stop_listening(self, topics: Sequence[str], /) -> None:
+        """Unsubscribe from ``topics``' subjects."""
+        self._require_open()
+        for topic in topics:
+            subscription = self._topics.pop(self.names.topic(topic), None)
+            if subscription is not None:
+                await _unsubscribe(subscription)
+
+    @staticmethod
+    async def _subscribe(client: Any, subject: str, on_message: Any) -> Any:
+        return await client.subscribe(
+            subject,
+            cb=on_message,
+            pending_msgs_limit=PENDING_MESSAGES,
+            pending_bytes_limit=PENDING_BYTES,
+        )
 
     # Relay in
 
@@ -130,27 +184,24 @@ class NatsDriver:
         subscriptions = []
         try:
             for subject in (self.names.broadcast, self._direct):
-                subscriptions.append(
-                    await client.subscribe(
-                        subject,
-                        cb=on_message,
-                        pending_msgs_limit=PENDING_MESSAGES,
-                        pending_bytes_limit=PENDING_BYTES,
-                    )
-                )
-            # The server has the subscriptions once it answered a ping sent after them.
-            await client.flush(timeout=CONNECT_TIMEOUT)
+                subscriptions.append(await self._subscribe(client, subject, on_message))
+            for subject in list(self._topics):
+                self._topics[subject] = await self._subscribe(client, subject, on_message)
+            self._live = (client, on_message)
+            await _confirmed(client)
             ready()
             await connection.until_lost(client)
             raise ConnectionLost("the connection to NATS broke")
         finally:
             # nats-py would restore them after reconnecting; the next listen subscribes
             # afresh, once, when the layer is ready for it.
+            self._live = None
+            for subject, subscription in list(self._topics.items()):
+                if subscription is not None:
+                    subscriptions.append(subscription)
+                    self._topics[subject] = None
             for subscription in subscriptions:
-                try:
-                    await subscription.unsubscribe()
-                except Exception as exc:
-                    logger.debug("unsubscribing failed: %s", exc)
+                await _unsubscribe(subscription)
 
     # Worker channels
 
@@ -183,3 +234,21 @@ class NatsDriver:
         except Exception as exc:
             logger.debug("releasing the worker streams failed: %s", exc)
         await self._connection.close()
+
+
+async def _confirmed(client: Any) -> None:
+    """Return once the server has what the client sent so far (subscriptions).
+
+    ``flush()`` waits for the answer to a PING, but nats-py (2.16) writes that PING ahead
+    of the commands it still holds: the first round trip lets those out, and the second
+    PING, sent after them, is answered only once the server has them.
+    """
+    await client.flush(timeout=CONNECT_TIMEOUT)
+    await client.flush(timeout=CONNECT_TIMEOUT)
+
+
+async def _unsubscribe(subscription: Any) -> None:
+    try:
+        await subscription.unsubscribe()
+    except Exception as exc:
+        logger.debug("unsubscribing failed: %s", exc)

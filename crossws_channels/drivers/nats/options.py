@@ -63,6 +63,14 @@ class NatsNames:
     def direct(self, instance_id: str) -> str:
         return f"{self.broadcast}.instance.{instance_id}"
 
+    def topic(self, topic: str) -> str:
+        """The subject of a topic (routing "groups"): ``<channel>.g.<group>`` or
+        ``<channel>.p.<partition>``. A group name that would leave an empty subject
+        token (a leading, trailing or doubled ``.``) goes by its digest instead."""
+        if ".." in topic or topic.endswith("."):
+            return f"{self.broadcast}.h.{_digest('topic', topic)}"
+        return f"{self.broadcast}.{topic}"
+
     def stream(self, worker: str) -> str:
         readable = _STREAM_UNSAFE.sub("_", worker)[:24]
         return f"{self.stream_prefix}{readable}_{_digest('worker', worker)}"

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
+from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector, SentinelOptions
 from .resp import ReplyReader, resp2_settings
 
 __all__ = [
@@ -38,8 +38,10 @@ __all__ = [
     "ConnectionFactory",
     "bounded",
     "bounded_compat",
+    "check_pool_settings",
     "check_url_settings",
     "disconnect_quietly",
+    "pool_from_sentinels",
     "pool_from_url",
     "safe_client_name",
 ]
@@ -110,6 +112,25 @@ def pool_from_url(url: str, connector: Connector) -> Pool:
     return cast(Pool, module.ConnectionPool.from_url(url, **defaults))
 
 
+def pool_from_sentinels(options: SentinelOptions, connector: Connector) -> Pool:
+    """Connection settings whose connections ask the sentinels for the master each time
+    they connect: after a failover, the next connection reaches the new master.
+
+    Only builds objects: the sentinels are asked when a connection first connects. The
+    pool is kept by the driver (its connections refer back to it, weakly).
+    """
+    module = importlib.import_module(f"{connector}.asyncio.sentinel")
+    timeouts: dict[str, Any] = {
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
+    }
+    sentinel_kwargs = {**timeouts, **options.sentinel_kwargs}
+    master_kwargs = {**timeouts, "socket_keepalive": True, **options.master_kwargs}
+    manager = module.Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
+    pool = module.SentinelConnectionPool(options.master_name, manager, **master_kwargs)
+    return cast(Pool, pool)
+
+
 # URL options that are a number of seconds or a count: checked here, since redis-py takes
 # any number (a negative timeout fails every connection attempt later, for ever).
 _POSITIVE_SECONDS = ("socket_timeout", "socket_connect_timeout", "timeout")
@@ -121,13 +142,26 @@ def check_url_settings(url: str, pool: Pool) -> None:
     silently ignore) when connecting: an option no connection takes, a timeout that is
     not a positive number of seconds, a database that is not a number. Raises ValueError
     naming the option."""
+    check_pool_settings(pool)
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("redis", "rediss", "valkey", "valkeys"):
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"the database in the path must be a number, not {database!r}")
+
+
+def check_pool_settings(pool: Pool) -> None:
+    """Refuse connection settings a connection would fail on, or silently ignore: an
+    option no connection takes, a timeout that is not a positive number of seconds.
+    Raises ValueError naming the option."""
     kwargs: dict[str, Any] = dict(pool.connection_kwargs)
+    kwargs.pop("connection_pool", None)  # a sentinel pool's connections refer to it
     accepted: set[str] = set()
     for cls in type.mro(pool.connection_class):
         init = cls.__dict__.get("__init__")
         if init is not None:
             accepted.update(inspect.signature(init).parameters)
-    unknown = sorted(set(kwargs) - accepted - {"self"})
+    unknown = sorted(set(kwargs) - accepted - {"self", "kwargs"})
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not an option of a redis connection")
     for name in _POSITIVE_SECONDS + _NON_NEGATIVE:
@@ -135,13 +169,8 @@ def check_url_settings(url: str, pool: Pool) -> None:
         if value is None:
             continue
         low_ok = value >= 0 if name in _NON_NEGATIVE else value > 0
-        if not (math.isfinite(value) and low_ok):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low_ok):
             raise ValueError(f"{name}={value!r} is out of range")
-    parts = urlsplit(url)
-    if parts.scheme.lower() in ("redis", "rediss", "valkey", "valkeys"):
-        database = parts.path.strip("/")
-        if database and not database.isdigit():
-            raise ValueError(f"the database in the path must be a number, not {database!r}")
 
 
 class ConnectionFactory:
@@ -257,6 +286,10 @@ class CommandConnection:
                 except BaseException:
                     await disconnect_quietly(connection, nowait=True)
                     raise
+                if any(_demoted(reply) for reply in results):
+                    # A master demoted to a replica (a Sentinel failover): connect afresh
+                    # next time, which asks the sentinels where the master is now.
+                    await disconnect_quietly(connection, nowait=True)
         except TimeoutError:
             raise TimeoutError(f"Redis did not answer within {bound:g} s") from None
         return results
@@ -280,12 +313,26 @@ class CommandConnection:
         self._reader = reader = ReplyReader(connection, self._connections.reply_error)
         return connection, reader
 
+    async def reset(self) -> None:
+        """Drop the connection; the next call opens another (the master moved). A call
+        in progress fails."""
+        connection = self._connection
+        if connection is not None:
+            await disconnect_quietly(connection, nowait=True)
+
     async def close(self) -> None:
         """Close the connection (bounded); refuse further use."""
         self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
             await disconnect_quietly(connection)
+
+
+def _demoted(reply: Any) -> bool:
+    """A ``-READONLY`` reply (the client library maps it to its ReadOnlyError)."""
+    return isinstance(reply, Exception) and (
+        type(reply).__name__ == "ReadOnlyError" or str(reply).startswith("READONLY")
+    )
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,9 @@
 
 One driver per layer instance. It publishes group broadcasts on the pub/sub channel
 named exactly ``channel`` (shared with crossws's ``redis({channel})``), direct sends on
-a channel only the owning instance subscribes to, and keeps worker-channel queues under
+a channel only the owning instance subscribes to, messages for a topic (routing
+"groups") on that topic's channel, which the instances with its groups subscribe to, and
+keeps worker-channel queues under
 this cluster's key prefix (see :class:`WireNames`). It holds:
 
 - one connection for publishes: a batch of them is packed into one buffer, written at
@@ -29,12 +31,15 @@ from typing import Any
 
 from crossws_channels.errors import ConfigurationError
 
-from ..base import Deliver, Outgoing, Ready
+from ..base import Deliver, Outgoing, Ready, Topic
 from .connection import (
     CLOSE_TIMEOUT,
     CommandConnection,
     ConnectionFactory,
+    bounded,
+    check_pool_settings,
     check_url_settings,
+    pool_from_sentinels,
     pool_from_url,
 )
 from .options import DRIVER_KEYS, RedisOptions, WireNames
@@ -48,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 # The header of a PUBLISH command, before the channel name; the message follows it.
 _PUBLISH = b"*3\r\n" + bulk(b"PUBLISH")
+
+# How often, with sentinels, the driver asks them where the master is.
+MASTER_CHECK = 1.0
 
 # Packed PUBLISH headers remembered for direct sends, one per target instance (packing
 # each command's header once is part of what took the sender's CPU per message from 50 to
@@ -69,9 +77,18 @@ class RedisDriver:
 
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         self.options = RedisOptions.from_mapping(options)
+        self._sentinel_pool: Any = None
         self.instance_id = instance_id
         self.names = WireNames.for_channel(self.options.channel)
-        if self.options.url is not None:
+        if self.options.sentinel is not None:
+            try:
+                settings = self._sentinel_pool = pool_from_sentinels(
+                    self.options.sentinel, self.options.connector
+                )
+                check_pool_settings(settings)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"can't be used: {exc}", key="master_kwargs") from exc
+        elif self.options.url is not None:
             try:
                 settings = pool_from_url(self.options.url, self.options.connector)
                 check_url_settings(self.options.url, settings)
@@ -88,6 +105,10 @@ class RedisDriver:
         self._broadcast_header = _publish_header(self.names.broadcast)
         # The packed PUBLISH header of each target instance, computed once per instance.
         self._direct_header = functools.lru_cache(maxsize=_HEADER_MEMORY)(self._new_direct_header)
+        self._topic_header = functools.lru_cache(maxsize=_HEADER_MEMORY)(self._new_topic_header)
+        # The topic channels this instance listens to (routing "groups"), kept across
+        # subscriptions.
+        self._topics: set[str] = set()
         self._closed = False
         self._subscription: Subscription | None = None
         pusher = CommandConnection(connections, command_name)
@@ -123,32 +144,114 @@ class RedisDriver:
         self._require_open()
         if not batch:
             return
-        broadcast = self._broadcast_header
+        broadcast, direct, topic = self._broadcast_header, self._direct_header, self._topic_header
         parts = [
-            _publish_command(broadcast if target is None else self._direct_header(target), env)
+            _publish_command(
+                broadcast
+                if target is None
+                else topic(target)
+                if type(target) is Topic
+                else direct(target),
+                env,
+            )
             for target, env in batch
         ]
         _raise_first(await self._publisher.execute(b"".join(parts), len(parts)))
 
+    async def publish_topic(self, topic: str, envelope: str, /) -> None:
+        """PUBLISH ``envelope`` on ``topic``'s channel."""
+        self._require_open()
+        packed = _publish_command(self._topic_header(topic), envelope)
+        _raise_first(await self._publisher.execute(packed, 1))
+
     def _new_direct_header(self, instance_id: str) -> bytes:
         return _publish_header(self.names.direct(instance_id))
+
+    def _new_topic_header(self, topic: str) -> bytes:
+        return _publish_header(self.names.topic(topic))
+
+    # Topics
+
+    async def listen_to(self, topics: Sequence[str], /) -> None:
+        """Subscribe to ``topics``' channels too; return once Redis confirmed them."""
+        self._require_open()
+        channels = [self.names.topic(topic) for topic in topics]
+        self._topics.update(channels)
+        subscription = self._subscription
+        if subscription is not None:
+            await subscription.add(channels)
+
+    async def stop_listening(self, topics: Sequence[str], /) -> None:
+        """Unsubscribe from ``topics``' channels."""
+        self._require_open()
+        channels = [self.names.topic(topic) for topic in topics]
+        self._topics.difference_update(channels)
+        subscription = self._subscription
+        if subscription is not None:
+            await subscription.remove(channels)
 
     # Relay in
 
     async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
-        """Subscribe to the broadcast channel and this instance's direct channel, then
-        deliver until the connection is lost (then raise; the layer subscribes again)."""
+        """Subscribe to the broadcast channel, this instance's direct channel and its
+        topics, then deliver until the connection is lost (then raise; the layer
+        subscribes again)."""
         self._require_open()
-        subscription = Subscription(self._connections, self.names, self.instance_id)
+        subscription = Subscription(
+            self._connections, self.names, self.instance_id, lambda: list(self._topics)
+        )
         self._subscription = subscription
         try:
             await subscription.open(deliver)
             ready()
-            await subscription.run(deliver)
+            if self._sentinel_pool is None:
+                await subscription.run(deliver)
+            else:
+                await self._run_following_the_master(subscription, deliver)
         finally:
             if self._subscription is subscription:
                 self._subscription = None
             await subscription.close()
+
+    async def _run_following_the_master(self, subscription: Subscription, deliver: Deliver) -> None:
+        """Run the subscription while asking the sentinels, every
+        :data:`MASTER_CHECK` seconds, where the master is. When it moved (a failover),
+        every connection starts afresh on the new one: a master demoted in a graceful
+        failover keeps its clients for up to ten seconds more, and their messages would
+        reach only each other."""
+        loop = asyncio.get_running_loop()
+        running = loop.create_task(subscription.run(deliver))
+        try:
+            while True:
+                await asyncio.wait([running], timeout=MASTER_CHECK)
+                if running.done():
+                    running.result()  # raises what broke the subscription
+                moved = await self._master_moved(subscription.address)
+                if moved is not None:
+                    await self._reset_connections()
+                    raise ConnectionError(f"the master moved to {moved[0]}:{moved[1]}")
+        finally:
+            running.cancel()
+            await asyncio.wait([running])
+            if not running.cancelled():
+                running.exception()
+
+    async def _master_moved(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
+        pool: Any = self._sentinel_pool
+        try:
+            async with bounded(self._connections.socket_timeout):
+                master = await pool.get_master_address()
+        except Exception as exc:
+            # No sentinel answered: not an outage of the master; asked again later.
+            logger.debug("asking the sentinels for the master failed: %s", exc)
+            return None
+        found = (str(master[0]), int(master[1]))
+        return found if address is not None and found != address else None
+
+    async def _reset_connections(self) -> None:
+        await asyncio.gather(
+            self._publisher.reset(), *(c.reset() for c in self._queues.connections())
+        )
 
     # Worker channels
 
@@ -203,6 +306,10 @@ class RedisDriver:
             await self._client.aclose()
             # A pool handed to the client explicitly is not closed by aclose().
             await asyncio.wait_for(self._client.connection_pool.disconnect(), CLOSE_TIMEOUT)
+            if self._sentinel_pool is not None:
+                # The clients that asked the sentinels where the master is.
+                for sentinel in self._sentinel_pool.sentinel_manager.sentinels:
+                    await asyncio.wait_for(sentinel.aclose(), CLOSE_TIMEOUT)
             if self.options.owns_client and self.options.client is not None:
                 # Made by the factory for this driver: never used, but ours to close.
                 await self.options.client.aclose()

@@ -26,13 +26,16 @@ __all__ = [
     "DRIVER_KEYS",
     "Connector",
     "RedisOptions",
+    "SentinelOptions",
     "WireNames",
 ]
 
 Connector = Literal["redis", "valkey"]
 CONNECTORS: tuple[Connector, ...] = ("redis", "valkey")
 
-DRIVER_KEYS = frozenset({"url", "client", "connector"})
+DRIVER_KEYS = frozenset(
+    {"url", "client", "connector", "sentinels", "master_name", "sentinel_kwargs", "master_kwargs"}
+)
 KNOWN_KEYS = DRIVER_KEYS | {"channel"}
 
 # Defaults for the connections the driver opens from a URL; a query string in the URL
@@ -75,6 +78,11 @@ class WireNames:
         """The pub/sub channel only ``instance_id`` listens on."""
         return f"{self.prefix}instance:{instance_id}"
 
+    def topic(self, topic: str) -> str:
+        """The pub/sub channel of a topic (routing "groups": ``g.<group>`` or
+        ``p.<partition>``), which the instances with members listen on."""
+        return f"{self.prefix}{topic}"
+
     def queue(self, channel: str) -> str:
         """The list holding a worker channel's waiting messages."""
         return f"{self.prefix}queue:{channel}"
@@ -89,7 +97,7 @@ class WireNames:
 class RedisOptions:
     """The validated options of one redis driver.
 
-    Exactly one of ``url`` and ``client`` is set. ``owns_client`` is False only for a
+    Exactly one of ``url``, ``client`` and ``sentinel`` is set. ``owns_client`` is False only for a
     client object the user passed in: that one stays open when the driver closes.
     """
 
@@ -98,6 +106,7 @@ class RedisOptions:
     url: str | None
     client: Any
     owns_client: bool
+    sentinel: SentinelOptions | None = None
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> RedisOptions:
@@ -121,6 +130,28 @@ class RedisOptions:
             )
         url = options.get("url")
         client = options.get("client")
+        if options.get("sentinels") is not None or options.get("master_name") is not None:
+            sentinel = SentinelOptions.from_mapping(options)
+            for other in ("url", "client"):
+                if options.get(other) is not None:
+                    raise ConfigurationError(
+                        "can't be combined with 'sentinels': the sentinels say where the "
+                        "master is (its connection settings go in 'master_kwargs')",
+                        key=other,
+                    )
+            wanted: Connector = cast(
+                Connector, connector or ("redis" if _importable("redis") else "valkey")
+            )
+            if not _importable(wanted):
+                raise ConfigurationError(
+                    f"needs the {_PACKAGE[wanted]} package, which is not installed "
+                    f"(pip install 'crossws_channels[redis]')",
+                    key="sentinels",
+                )
+            return cls(channel, wanted, None, None, True, sentinel)
+        for key in ("sentinel_kwargs", "master_kwargs"):
+            if options.get(key) is not None:
+                raise ConfigurationError("is only used with 'sentinels'", key=key)
         if url is not None and client is not None:
             raise ConfigurationError(
                 "can't be combined with 'client': give the redis driver one or the other",
@@ -147,6 +178,73 @@ class RedisOptions:
             owns = True
         detected = check_client(client, connector)
         return cls(channel, detected, None, client, owns)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelOptions:
+    """Where the sentinels are, which master to ask them for, and how to connect."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    sentinel_kwargs: Mapping[str, Any]
+    master_kwargs: Mapping[str, Any]
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any]) -> SentinelOptions:
+        value = options.get("sentinels")
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigurationError(
+                "must be a list of sentinel addresses, such as ['10.0.0.1:26379', "
+                f"'10.0.0.2:26379'], got {value!r}",
+                key="sentinels",
+            )
+        sentinels = tuple(_address(entry) for entry in value)
+        name = options.get("master_name")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                "is required with 'sentinels': the name the sentinels monitor the master "
+                f"by (their 'sentinel monitor <name> ...' line), got {name!r}",
+                key="master_name",
+            )
+        kwargs = []
+        for key in ("sentinel_kwargs", "master_kwargs"):
+            given = options.get(key) or {}
+            if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
+                raise ConfigurationError(
+                    "must be a dict of connection arguments (password, username, ssl, "
+                    f"socket_timeout, ...), got {given!r}",
+                    key=key,
+                )
+            kwargs.append(dict(given))
+        for key in ("host", "port", "connection_class", "connection_pool"):
+            if key in kwargs[1]:
+                raise ConfigurationError(
+                    f"can't set {key!r}: the sentinels say where the master is",
+                    key="master_kwargs",
+                )
+        return cls(sentinels, name, kwargs[0], kwargs[1])
+
+
+def _address(entry: object) -> tuple[str, int]:
+    host: object
+    port: object
+    if isinstance(entry, str):
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+        host, port = entry
+    else:
+        host, port = None, None
+    try:
+        number = int(port)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        number = 0
+    if not isinstance(host, str) or not host or not 0 < number < 65536:
+        raise ConfigurationError(
+            f"has {entry!r}, which is not a 'host:port' address (or a (host, port) pair)",
+            key="sentinels",
+        )
+    return host, number
 
 
 def _url_connector(url: str, connector: Connector | None) -> Connector:

@@ -184,6 +184,10 @@ class WorkerQueues:
         """Drop remembered deadlines (after a flush deleted the queues)."""
         self._deadlines.clear()
 
+    def connections(self) -> list[CommandConnection]:
+        """Every connection the queues use now (to reset them: the master moved)."""
+        return [self._pusher, *self._idle, *self._busy]
+
     def release(self) -> list[CommandConnection]:
         """Hand over every connection, for the driver to close; open no more."""
         self._released = True

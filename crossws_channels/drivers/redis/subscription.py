@@ -1,7 +1,8 @@
 """The redis driver's subscription: one connection, from SUBSCRIBE until it is lost.
 
-It subscribes to the cluster's broadcast channel and this instance's direct channel, and
-is read without a timeout per message, every message one socket read brought handled in
+It subscribes to the cluster's broadcast channel, this instance's direct channel and the
+topics the instance listens to (routing "groups"; more are added and removed while it
+runs), and is read without a timeout per message, every message one socket read brought handled in
 one go. A watchdog bounds silence instead: after ``health_check_interval`` (10 s unless
 the URL or client sets it) without traffic it PINGs, and gives up on a connection whose
 PING stays unanswered for the socket timeout. Redis keeps what is published for a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..base import Deliver
@@ -39,16 +41,28 @@ _PING = pack(b"PING")
 class Subscription:
     """One subscribe connection of instance ``instance_id``."""
 
-    def __init__(self, connections: ConnectionFactory, names: WireNames, instance_id: str) -> None:
+    def __init__(
+        self,
+        connections: ConnectionFactory,
+        names: WireNames,
+        instance_id: str,
+        topics: Callable[[], list[str]] = list,
+    ) -> None:
         self._connections = connections
         self._channels = (names.broadcast, names.direct(instance_id))
+        self._topics = topics  # the topic channels wanted, when SUBSCRIBE is sent
         self._connection: Connection = connections(f"crossws_channels:sub:{instance_id}")
         self._replies: ReplyReader | None = None
         self._heard = 0  # reads that brought replies, for the watchdog
         self._paused = False  # the layer asked the reader to wait (backpressure)
+        # Set once the first SUBSCRIBE is confirmed (or failed): topics added meanwhile
+        # wait for it, then go in a SUBSCRIBE of their own.
+        self._opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # Topic channels whose SUBSCRIBE the reader has yet to see confirmed.
+        self._confirming: dict[bytes, list[asyncio.Future[None]]] = {}
 
     async def open(self, deliver: Deliver) -> None:
-        """Connect and SUBSCRIBE; return once Redis confirmed both channels."""
+        """Connect and SUBSCRIBE; return once Redis confirmed every channel."""
         connections = self._connections
         connection = self._connection
         bound = connections.connect_timeout + connections.socket_timeout
@@ -56,18 +70,61 @@ class Subscription:
             async with bounded(bound):
                 await connection.connect()
                 replies = self._replies = ReplyReader(connection, connections.reply_error)
-                await connection.send_command("SUBSCRIBE", *self._channels)
+                channels = [*self._channels, *self._topics()]
+                await connection.send_command("SUBSCRIBE", *channels)
                 confirmed = 0
-                while confirmed < 2:
+                while confirmed < len(channels):
                     for reply in await replies.read():
                         if _kind(reply) == b"subscribe":
                             confirmed += 1
                         elif _kind(reply) == b"message" and len(reply) == 3:
-                            deliver(reply[2])  # arrived before the second confirmation
+                            deliver(reply[2])  # arrived before the last confirmation
         except TimeoutError:
+            self._opened.set_result(False)
             raise TimeoutError(
                 f"Redis did not accept the connection and confirm SUBSCRIBE within {bound:g} s"
             ) from None
+        except BaseException:
+            self._opened.set_result(False)
+            raise
+        self._opened.set_result(True)
+
+    async def add(self, channels: list[str]) -> None:
+        """SUBSCRIBE to more channels; return once Redis confirmed them, or the
+        connection is gone (the next subscription has them)."""
+        if not await asyncio.shield(self._opened) or not channels:
+            return
+        loop = asyncio.get_running_loop()
+        waiting = []
+        for channel in channels:
+            future: asyncio.Future[None] = loop.create_future()
+            self._confirming.setdefault(channel.encode("utf-8"), []).append(future)
+            waiting.append(future)
+        try:
+            async with bounded(self._connections.socket_timeout):
+                await self._connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        except Exception:
+            self._release_confirmations()
+            raise
+        await asyncio.gather(*waiting)
+
+    async def remove(self, channels: list[str]) -> None:
+        """UNSUBSCRIBE from channels; what was in flight on them may still arrive."""
+        if channels and self._opened.done() and self._opened.result():
+            async with bounded(self._connections.socket_timeout):
+                await self._connection.send_command("UNSUBSCRIBE", *channels, check_health=False)
+
+    def _confirmed(self, channel: bytes) -> None:
+        for future in self._confirming.pop(channel, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _release_confirmations(self) -> None:
+        confirming, self._confirming = self._confirming, {}
+        for futures in confirming.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
 
     async def run(self, deliver: Deliver) -> NoReturn:
         """Read until the connection fails, or until the watchdog gives up on it."""
@@ -80,10 +137,20 @@ class Subscription:
         try:
             await self._watch(reader)
         finally:
+            self._release_confirmations()
             reader.cancel()
             await asyncio.wait([reader])
             if not reader.cancelled():
                 reader.exception()  # retrieved: the watchdog's own error is the one raised
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where the connection went (a sentinel-managed one: the master it was told of)."""
+        host, port = (
+            getattr(self._connection, "host", None),
+            getattr(self._connection, "port", None),
+        )
+        return (host, int(port)) if isinstance(host, str) and port is not None else None
 
     async def close(self) -> None:
         await disconnect_quietly(self._connection, nowait=True)
@@ -98,22 +165,27 @@ class Subscription:
             batch = await read()
             self._heard += 1
             for reply in batch:
-                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
-                    data = reply[2]
+                if type(reply) is not list or len(reply) != 3:
+                    continue
+                if reply[0] != b"message":
+                    if reply[0] == b"subscribe":
+                        self._confirmed(reply[1])  # a topic added while running
+                    continue
+                data = reply[2]
+                try:
+                    wait = deliver(data)
+                except Exception:
+                    # Deliver promises not to raise; if it does anyway, the reader must
+                    # live on.
+                    logger.exception("deliver raised on a %d-byte message", len(data))
+                    continue
+                if wait is not None:
+                    self._paused = True
                     try:
-                        wait = deliver(data)
-                    except Exception:
-                        # Deliver promises not to raise; if it does anyway, the reader
-                        # must live on.
-                        logger.exception("deliver raised on a %d-byte message", len(data))
-                        continue
-                    if wait is not None:
-                        self._paused = True
-                        try:
-                            await wait
-                        finally:
-                            self._paused = False
-                            self._heard += 1
+                        await wait
+                    finally:
+                        self._paused = False
+                        self._heard += 1
 
     async def _watch(self, reader: asyncio.Task[NoReturn]) -> NoReturn:
         """Raise when ``reader`` fails, or when the connection has been silent for
