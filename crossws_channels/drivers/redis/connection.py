@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
-from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector, SentinelOptions
+from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector
 from .resp import ReplyReader, resp2_settings
 
 __all__ = [
@@ -36,12 +36,12 @@ __all__ = [
     "CommandConnection",
     "Connection",
     "ConnectionFactory",
+    "Pool",
     "bounded",
     "bounded_compat",
     "check_pool_settings",
     "check_url_settings",
     "disconnect_quietly",
-    "pool_from_sentinels",
     "pool_from_url",
     "safe_client_name",
 ]
@@ -112,25 +112,6 @@ def pool_from_url(url: str, connector: Connector) -> Pool:
     return cast(Pool, module.ConnectionPool.from_url(url, **defaults))
 
 
-def pool_from_sentinels(options: SentinelOptions, connector: Connector) -> Pool:
-    """Connection settings whose connections ask the sentinels for the master each time
-    they connect: after a failover, the next connection reaches the new master.
-
-    Only builds objects: the sentinels are asked when a connection first connects. The
-    pool is kept by the driver (its connections refer back to it, weakly).
-    """
-    module = importlib.import_module(f"{connector}.asyncio.sentinel")
-    timeouts: dict[str, Any] = {
-        "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
-        "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT,
-    }
-    sentinel_kwargs = {**timeouts, **options.sentinel_kwargs}
-    master_kwargs = {**timeouts, "socket_keepalive": True, **options.master_kwargs}
-    manager = module.Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)
-    pool = module.SentinelConnectionPool(options.master_name, manager, **master_kwargs)
-    return cast(Pool, pool)
-
-
 # URL options that are a number of seconds or a count: checked here, since redis-py takes
 # any number (a negative timeout fails every connection attempt later, for ever).
 _POSITIVE_SECONDS = ("socket_timeout", "socket_connect_timeout", "timeout")
@@ -155,7 +136,6 @@ def check_pool_settings(pool: Pool) -> None:
     option no connection takes, a timeout that is not a positive number of seconds.
     Raises ValueError naming the option."""
     kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-    kwargs.pop("connection_pool", None)  # a sentinel pool's connections refer to it
     accepted: set[str] = set()
     for cls in type.mro(pool.connection_class):
         init = cls.__dict__.get("__init__")

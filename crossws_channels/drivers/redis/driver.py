@@ -36,15 +36,16 @@ from .connection import (
     CLOSE_TIMEOUT,
     CommandConnection,
     ConnectionFactory,
+    Pool,
     bounded,
     check_pool_settings,
     check_url_settings,
-    pool_from_sentinels,
     pool_from_url,
 )
 from .options import DRIVER_KEYS, RedisOptions, WireNames
 from .queues import WorkerQueues
 from .resp import bulk
+from .sentinel import MasterLocator, sentinel_settings
 from .subscription import Subscription
 
 __all__ = ["RedisDriver", "RedisOptions", "WireNames"]
@@ -77,15 +78,15 @@ class RedisDriver:
 
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         self.options = RedisOptions.from_mapping(options)
-        self._sentinel_pool: Any = None
+        self._locator: MasterLocator | None = None
         self.instance_id = instance_id
         self.names = WireNames.for_channel(self.options.channel)
+        settings: Pool
         if self.options.sentinel is not None:
             try:
-                settings = self._sentinel_pool = pool_from_sentinels(
-                    self.options.sentinel, self.options.connector
-                )
-                check_pool_settings(settings)
+                located = sentinel_settings(self.options.sentinel, self.options.connector)
+                check_pool_settings(located)
+                settings, self._locator = located, located.locator
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"can't be used: {exc}", key="master_kwargs") from exc
         elif self.options.url is not None:
@@ -204,7 +205,7 @@ class RedisDriver:
         try:
             await subscription.open(deliver)
             ready()
-            if self._sentinel_pool is None:
+            if self._locator is None:
                 await subscription.run(deliver)
             else:
                 await self._run_following_the_master(subscription, deliver)
@@ -237,10 +238,12 @@ class RedisDriver:
                 running.exception()
 
     async def _master_moved(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
-        pool: Any = self._sentinel_pool
+        assert self._locator is not None
         try:
-            async with bounded(self._connections.socket_timeout):
-                master = await pool.get_master_address()
+            async with bounded(
+                self._connections.connect_timeout + self._connections.socket_timeout
+            ):
+                master = await self._locator.locate()
         except Exception as exc:
             # No sentinel answered: not an outage of the master; asked again later.
             logger.debug("asking the sentinels for the master failed: %s", exc)
@@ -306,10 +309,6 @@ class RedisDriver:
             await self._client.aclose()
             # A pool handed to the client explicitly is not closed by aclose().
             await asyncio.wait_for(self._client.connection_pool.disconnect(), CLOSE_TIMEOUT)
-            if self._sentinel_pool is not None:
-                # The clients that asked the sentinels where the master is.
-                for sentinel in self._sentinel_pool.sentinel_manager.sentinels:
-                    await asyncio.wait_for(sentinel.aclose(), CLOSE_TIMEOUT)
             if self.options.owns_client and self.options.client is not None:
                 # Made by the factory for this driver: never used, but ours to close.
                 await self.options.client.aclose()
