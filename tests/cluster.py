@@ -27,6 +27,7 @@ from tests.loops import OtherLoop
 __all__ = [
     "DRIVERS",
     "NETWORK_DRIVERS",
+    "ON_CLUSTER",
     "SENTINEL",
     "VARIANTS",
     "Cluster",
@@ -47,6 +48,8 @@ GROUPS = "+groups"
 PARTITIONS = "+partitions"
 # redis through a master, a replica and three sentinels of the session's own.
 SENTINEL = "+sentinel"
+# redis on a Redis Cluster of the session's own (three primaries), with groups routing.
+ON_CLUSTER = "+cluster"
 ROUTED = ("local", "redis", "nats")
 VARIANTS = (
     *DRIVERS,
@@ -54,6 +57,7 @@ VARIANTS = (
     *(driver + GROUPS for driver in ROUTED),
     "redis" + PARTITIONS,
     "redis" + SENTINEL,
+    "redis" + ON_CLUSTER,
 )
 CLUSTER_KEYS = ["contract-suite-key-" + "k" * 16]
 
@@ -62,6 +66,9 @@ def server_options(request: Any, driver: str, via: str = "") -> dict[str, Any]:
     """The CONFIG that reaches the shared server of ``driver`` (from the conftest
     fixtures, which skip or fail when it is down); none for the other drivers. ``via``
     :data:`SENTINEL`: the session's sentinels instead."""
+    if via == ON_CLUSTER:
+        deployment = request.getfixturevalue("redis_cluster")
+        return {"url": deployment.url, "cluster": True, "routing": "groups"}
     if via == SENTINEL:
         deployment = request.getfixturevalue("sentinel_deployment")
         return {"sentinels": deployment.addresses, "master_name": deployment.MASTER_NAME}
@@ -95,6 +102,8 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
         return name[: -len(GROUPS)], {"routing": "groups"}
     if name.endswith(SENTINEL):
         return name[: -len(SENTINEL)], {}
+    if name.endswith(ON_CLUSTER):
+        return name[: -len(ON_CLUSTER)], {}
     if name.endswith(PARTITIONS):
         # Few partitions, so that the groups of a test share some.
         return name[: -len(PARTITIONS)], {"routing": "groups", "routing_partitions": 4}

@@ -22,7 +22,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.cluster import VARIANTS, Cluster, server_options, variant
-from tests.servers import PostgresServer, RedisServer, SentinelDeployment
+from tests.servers import (
+    PostgresServer,
+    RedisClusterDeployment,
+    RedisServer,
+    SentinelDeployment,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -84,6 +89,14 @@ def sentinel_deployment() -> Iterator[SentinelDeployment]:
     """A master, a replica and three sentinels on free ports, shared by the session's
     contract tests (which never fail it over: the failover tests start their own)."""
     with SentinelDeployment() as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterDeployment]:
+    """A Redis Cluster of three primaries on free ports, shared by the session's contract
+    tests (which never fail it over: the failover tests start their own)."""
+    with RedisClusterDeployment(replicas=0) as deployment:
         yield deployment
 
 

@@ -23,6 +23,7 @@ from typing import TypeVar
 __all__ = [
     "NatsServer",
     "PostgresServer",
+    "RedisClusterDeployment",
     "RedisServer",
     "SentinelDeployment",
     "free_port",
@@ -357,6 +358,138 @@ class PostgresServer:
 
     def __enter__(self) -> PostgresServer:
         self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisClusterDeployment:
+    """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas, on free
+    ports (``cluster-node-timeout`` 1 s, so that a killed primary's replica takes over
+    within seconds)."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+        options = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "1000",
+            # A replica takes over however long ago it last heard its primary.
+            "--cluster-replica-validity-factor", "0",
+        )  # fmt: skip
+        self.replicas = replicas
+        self.servers = [
+            RedisServer(_cluster_port(), extra=options) for _ in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """One node's URL: the driver finds the others."""
+        return self.servers[0].url
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise RuntimeError("redis-cli is not installed")
+        addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
+        subprocess.run(
+            [binary, "--cluster", "create", *addresses, "--cluster-replicas",
+             str(self.replicas), "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        self.wait_until_healthy()
+
+    def _info(self, server: RedisServer) -> dict[str, str]:
+        import redis
+
+        with redis.Redis(port=server.port, socket_timeout=1) as client:
+            text = client.execute_command("CLUSTER", "INFO")
+        if isinstance(text, bytes):
+            text = text.decode()
+        return dict(line.split(":", 1) for line in str(text).split() if ":" in line)
+
+    def wait_until_healthy(self, timeout: float = 60.0) -> None:
+        """Until every live node says the cluster is ok and every slot is served."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                infos = [self._info(s) for s in self.servers if s.process is not None]
+            except redis.RedisError:
+                infos = []
+            if infos and all(
+                i.get("cluster_state") == "ok" and i.get("cluster_slots_ok") == "16384"
+                for i in infos
+            ):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("the cluster did not become healthy")
+
+    def wait_for_takeover(self, dead: int, timeout: float = 30.0) -> None:
+        """Until a replica serves the slots of the primary on port ``dead``."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for server in self.servers:
+                if server.process is None:
+                    continue
+                try:
+                    with redis.Redis(port=server.port, socket_timeout=1) as client:
+                        ports = {int(e[2][1]) for e in client.execute_command("CLUSTER", "SLOTS")}
+                except redis.RedisError:
+                    continue
+                if dead not in ports:
+                    return
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"no replica took over from the primary on port {dead}")
+
+    def primary_for(self, key: str) -> RedisServer:
+        """The server that owns ``key``'s slot now."""
+        import redis
+
+        for server in self.servers:
+            if server.process is None:
+                continue
+            try:
+                with redis.Redis(port=server.port, socket_timeout=1) as client:
+                    slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+                    for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            port = int(primary[1])
+                            return next(s for s in self.servers if s.port == port)
+            except redis.RedisError:
+                continue
+        raise RuntimeError(f"no node owns {key!r}")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> RedisClusterDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

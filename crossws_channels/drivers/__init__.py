@@ -56,7 +56,7 @@ __all__ = [
 
 BUILTIN: dict[str, str] = {
     "local": "crossws_channels.drivers.local.LocalDriver",
-    "redis": "crossws_channels.drivers.redis.RedisDriver",
+    "redis": "crossws_channels.drivers.redis.redis_driver",
     "pgsql": "crossws_channels.drivers.pgsql.PgsqlDriver",
     "multiprocessing": "crossws_channels.drivers.multiprocessing.MultiprocessingDriver",
     "nats": "crossws_channels.drivers.nats.NatsDriver",

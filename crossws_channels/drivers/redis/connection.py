@@ -37,6 +37,7 @@ __all__ = [
     "Connection",
     "ConnectionFactory",
     "Pool",
+    "ask_once",
     "bounded",
     "bounded_compat",
     "check_pool_settings",
@@ -344,6 +345,17 @@ if sys.version_info >= (3, 11):
     bounded = asyncio.timeout
 else:
     bounded = bounded_compat
+
+
+async def ask_once(connection: Connection, *command: Any) -> Any:
+    """Run one command over ``connection`` (new), closing it before the reply is used:
+    an attempt cut short (a timeout, the driver closing) leaves nothing open."""
+    try:
+        await connection.connect()
+        await connection.send_command(*command)
+        return await connection.read_response()
+    finally:
+        await connection.disconnect(nowait=True)
 
 
 async def disconnect_quietly(connection: Connection, *, nowait: bool = False) -> None:

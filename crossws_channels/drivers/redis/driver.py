@@ -198,8 +198,11 @@ class RedisDriver:
         topics, then deliver until the connection is lost (then raise; the layer
         subscribes again)."""
         self._require_open()
+        base = [self.names.broadcast, self.names.direct(self.instance_id)]
         subscription = Subscription(
-            self._connections, self.names, self.instance_id, lambda: list(self._topics)
+            self._connections,
+            f"crossws_channels:sub:{self.instance_id}",
+            lambda: [*base, *self._topics],
         )
         self._subscription = subscription
         try:

@@ -34,7 +34,16 @@ Connector = Literal["redis", "valkey"]
 CONNECTORS: tuple[Connector, ...] = ("redis", "valkey")
 
 DRIVER_KEYS = frozenset(
-    {"url", "client", "connector", "sentinels", "master_name", "sentinel_kwargs", "master_kwargs"}
+    {
+        "url",
+        "client",
+        "connector",
+        "cluster",
+        "sentinels",
+        "master_name",
+        "sentinel_kwargs",
+        "master_kwargs",
+    }
 )
 KNOWN_KEYS = DRIVER_KEYS | {"channel"}
 
@@ -69,10 +78,17 @@ class WireNames:
 
     broadcast: str
     prefix: str
+    hash_tags: bool = False
+    """Redis Cluster: each worker channel's keys carry a hash tag of their own (one
+    slot per queue, the queues spread over the nodes)."""
 
     @classmethod
-    def for_channel(cls, channel: str) -> WireNames:
-        return cls(broadcast=channel, prefix=f"crossws_channels:{quote(channel, safe='')}:")
+    def for_channel(cls, channel: str, *, hash_tags: bool = False) -> WireNames:
+        return cls(
+            broadcast=channel,
+            prefix=f"crossws_channels:{quote(channel, safe='')}:",
+            hash_tags=hash_tags,
+        )
 
     def direct(self, instance_id: str) -> str:
         """The pub/sub channel only ``instance_id`` listens on."""
@@ -85,6 +101,8 @@ class WireNames:
 
     def queue(self, channel: str) -> str:
         """The list holding a worker channel's waiting messages."""
+        if self.hash_tags:
+            return f"{self.prefix}queue:{{{channel}}}"
         return f"{self.prefix}queue:{channel}"
 
     @property
@@ -107,6 +125,7 @@ class RedisOptions:
     client: Any
     owns_client: bool
     sentinel: SentinelOptions | None = None
+    cluster: bool = False
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> RedisOptions:
@@ -130,6 +149,27 @@ class RedisOptions:
             )
         url = options.get("url")
         client = options.get("client")
+        cluster = options.get("cluster", False)
+        if not isinstance(cluster, bool):
+            raise ConfigurationError(f"must be true or false, got {cluster!r}", key="cluster")
+        if cluster:
+            for other in ("client", "sentinels"):
+                if options.get(other) is not None:
+                    raise ConfigurationError(
+                        "can't be combined with 'cluster': give the URL of any node of the "
+                        "cluster in 'url'",
+                        key=other,
+                    )
+            if not isinstance(url, str) or not url:
+                raise ConfigurationError(
+                    "is required with 'cluster': the URL of any node of the cluster "
+                    "(for example 'redis://10.0.0.1:7000'); the driver finds the others",
+                    key="url",
+                )
+            connector_found = _url_connector(url, connector)
+            if urlsplit(url).scheme.lower() == "unix":
+                raise ConfigurationError("can't be a unix socket with 'cluster'", key="url")
+            return cls(channel, connector_found, url, None, True, cluster=True)
         if options.get("sentinels") is not None or options.get("master_name") is not None:
             sentinel = SentinelOptions.from_mapping(options)
             for other in ("url", "client"):

@@ -13,6 +13,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from .connection import ask_once
 from .options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, Connector, SentinelOptions
 
 __all__ = ["MasterLocator", "MasterNotFound", "SentinelSettings", "sentinel_settings"]
@@ -47,14 +48,12 @@ class MasterLocator:
         for index, (host, port) in enumerate(self._sentinels):
             connection = self._connection_class(host=host, port=port, **self._kwargs)
             try:
-                await connection.connect()
-                await connection.send_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self._name)
-                reply = await connection.read_response()
+                reply = await ask_once(
+                    connection, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self._name
+                )
             except Exception as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue
-            finally:
-                await connection.disconnect(nowait=True)
             if isinstance(reply, (list, tuple)) and len(reply) == 2:
                 if index:
                     self._sentinels.insert(0, self._sentinels.pop(index))

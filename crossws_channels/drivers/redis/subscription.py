@@ -22,10 +22,9 @@ from typing import Any, NoReturn
 
 from ..base import Deliver
 from .connection import Connection, ConnectionFactory, bounded, disconnect_quietly
-from .options import WireNames
 from .resp import ReplyReader, pack
 
-__all__ = ["IDLE_PING_INTERVAL", "Subscription"]
+__all__ = ["IDLE_PING_INTERVAL", "SlotMoved", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +37,49 @@ IDLE_PING_INTERVAL = 10.0
 _PING = pack(b"PING")
 
 
+class SlotMoved(ConnectionError):
+    """Redis Cluster took a shard channel off this connection (its slot moved): the
+    subscription must be made again where the cluster now keeps it."""
+
+
+class _Verbs:
+    """The pub/sub commands and replies: plain, or sharded (Redis Cluster)."""
+
+    def __init__(self, sharded: bool) -> None:
+        prefix = b"s" if sharded else b""
+        self.sharded = sharded
+        self.subscribe = (prefix + b"subscribe").upper()
+        self.unsubscribe = (prefix + b"unsubscribe").upper()
+        self.subscribed = prefix + b"subscribe"
+        self.unsubscribed = prefix + b"unsubscribe"
+        self.message = prefix + b"message"
+
+    def commands(self, verb: bytes, channels: list[str]) -> bytes:
+        """One command for all ``channels``; one per channel when sharded, since the
+        channels of one sharded command must share a slot."""
+        words = [channel.encode("utf-8") for channel in channels]
+        if self.sharded:
+            return b"".join(pack(verb, word) for word in words)
+        return pack(verb, *words)
+
+
 class Subscription:
-    """One subscribe connection of instance ``instance_id``."""
+    """One subscribe connection, to ``channels()`` (read when it subscribes) and to
+    what :meth:`add` adds; ``sharded``: SSUBSCRIBE on one node of a Redis Cluster."""
 
     def __init__(
         self,
         connections: ConnectionFactory,
-        names: WireNames,
-        instance_id: str,
-        topics: Callable[[], list[str]] = list,
+        client_name: str,
+        channels: Callable[[], list[str]],
+        *,
+        sharded: bool = False,
     ) -> None:
         self._connections = connections
-        self._channels = (names.broadcast, names.direct(instance_id))
-        self._topics = topics  # the topic channels wanted, when SUBSCRIBE is sent
-        self._connection: Connection = connections(f"crossws_channels:sub:{instance_id}")
+        self._channels = channels
+        self._verbs = _Verbs(sharded)
+        self._name = client_name
+        self._connection: Connection = connections(client_name)
         self._replies: ReplyReader | None = None
         self._heard = 0  # reads that brought replies, for the watchdog
         self._paused = False  # the layer asked the reader to wait (backpressure)
@@ -60,29 +88,39 @@ class Subscription:
         self._opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         # Topic channels whose SUBSCRIBE the reader has yet to see confirmed.
         self._confirming: dict[bytes, list[asyncio.Future[None]]] = {}
+        # Channels this side unsubscribed from: their unsubscribe reply is expected.
+        self._leaving: set[bytes] = set()
 
     async def open(self, deliver: Deliver) -> None:
         """Connect and SUBSCRIBE; return once Redis confirmed every channel."""
         connections = self._connections
         connection = self._connection
+        verbs = self._verbs
         bound = connections.connect_timeout + connections.socket_timeout
         try:
             async with bounded(bound):
                 await connection.connect()
                 replies = self._replies = ReplyReader(connection, connections.reply_error)
-                channels = [*self._channels, *self._topics()]
-                await connection.send_command("SUBSCRIBE", *channels)
+                channels = self._channels()
+                if channels:
+                    await connection.send_packed_command(
+                        verbs.commands(verbs.subscribe, channels), check_health=False
+                    )
                 confirmed = 0
                 while confirmed < len(channels):
                     for reply in await replies.read():
-                        if _kind(reply) == b"subscribe":
+                        kind = _kind(reply)
+                        if kind == verbs.subscribed:
                             confirmed += 1
-                        elif _kind(reply) == b"message" and len(reply) == 3:
+                        elif kind == verbs.message and len(reply) == 3:
                             deliver(reply[2])  # arrived before the last confirmation
+                        elif isinstance(reply, Exception):
+                            raise reply  # MOVED: the slot is elsewhere now
         except TimeoutError:
             self._opened.set_result(False)
             raise TimeoutError(
-                f"Redis did not accept the connection and confirm SUBSCRIBE within {bound:g} s"
+                f"Redis did not accept the connection and confirm "
+                f"{verbs.subscribe.decode()} within {bound:g} s"
             ) from None
         except BaseException:
             self._opened.set_result(False)
@@ -100,9 +138,12 @@ class Subscription:
             future: asyncio.Future[None] = loop.create_future()
             self._confirming.setdefault(channel.encode("utf-8"), []).append(future)
             waiting.append(future)
+        verbs = self._verbs
         try:
             async with bounded(self._connections.socket_timeout):
-                await self._connection.send_command("SUBSCRIBE", *channels, check_health=False)
+                await self._connection.send_packed_command(
+                    verbs.commands(verbs.subscribe, channels), check_health=False
+                )
         except Exception:
             self._release_confirmations()
             raise
@@ -111,8 +152,12 @@ class Subscription:
     async def remove(self, channels: list[str]) -> None:
         """UNSUBSCRIBE from channels; what was in flight on them may still arrive."""
         if channels and self._opened.done() and self._opened.result():
+            verbs = self._verbs
+            self._leaving.update(channel.encode("utf-8") for channel in channels)
             async with bounded(self._connections.socket_timeout):
-                await self._connection.send_command("UNSUBSCRIBE", *channels, check_health=False)
+                await self._connection.send_packed_command(
+                    verbs.commands(verbs.unsubscribe, channels), check_health=False
+                )
 
     def _confirmed(self, channel: bytes) -> None:
         for future in self._confirming.pop(channel, ()):
@@ -132,7 +177,7 @@ class Subscription:
         if replies is None:
             raise RuntimeError("run() before open()")
         reader = asyncio.get_running_loop().create_task(
-            self._read(replies, deliver), name=f"crossws_channels redis reader {self._channels[1]}"
+            self._read(replies, deliver), name=f"crossws_channels redis reader {self._name}"
         )
         try:
             await self._watch(reader)
@@ -161,15 +206,16 @@ class Subscription:
         # channel is full while its consumer reads), the reader stops reading: Redis
         # keeps the rest in this client's output buffer until it resumes.
         read = replies.read
+        verbs = self._verbs
+        message = verbs.message
         while True:
             batch = await read()
             self._heard += 1
             for reply in batch:
                 if type(reply) is not list or len(reply) != 3:
                     continue
-                if reply[0] != b"message":
-                    if reply[0] == b"subscribe":
-                        self._confirmed(reply[1])  # a topic added while running
+                if reply[0] != message:
+                    self._on_reply(reply)
                     continue
                 data = reply[2]
                 try:
@@ -186,6 +232,18 @@ class Subscription:
                     finally:
                         self._paused = False
                         self._heard += 1
+
+    def _on_reply(self, reply: list[Any]) -> None:
+        kind, channel = reply[0], reply[1]
+        verbs = self._verbs
+        if kind == verbs.subscribed:
+            self._confirmed(channel)  # a topic added while running
+        elif kind == verbs.unsubscribed:
+            if channel in self._leaving:
+                self._leaving.discard(channel)
+            elif verbs.sharded:
+                # Not asked for: the cluster moved the channel's slot to another node.
+                raise SlotMoved(f"Redis Cluster moved {channel!r} to another node")
 
     async def _watch(self, reader: asyncio.Task[NoReturn]) -> NoReturn:
         """Raise when ``reader`` fails, or when the connection has been silent for
