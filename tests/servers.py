@@ -32,6 +32,7 @@ __all__ = [
 
 
 _Self = TypeVar("_Self", bound="_ServerProcess")
+_D = TypeVar("_D", bound="_Deployment")
 
 
 def free_port() -> int:
@@ -157,7 +158,28 @@ class _Sentinel(_ServerProcess):
         wait_for_port(self.port)
 
 
-class SentinelDeployment:
+class _Deployment:
+    """Several servers started together: closed again if starting fails half-way."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _D) -> _D:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SentinelDeployment(_Deployment):
     """A master, a replica and three sentinels (quorum 2), every one on a free port.
 
     ``kill_master()`` kills the current master's process; the sentinels promote the
@@ -248,17 +270,6 @@ class SentinelDeployment:
     def close(self) -> None:
         for process in [*self.sentinels, *self.servers]:
             process.close()
-
-    def __enter__(self) -> SentinelDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class NatsServer(_ServerProcess):
@@ -378,7 +389,7 @@ def _cluster_port() -> int:
         return port
 
 
-class RedisClusterDeployment:
+class RedisClusterDeployment(_Deployment):
     """A Redis Cluster of ``masters`` primaries, each with ``replicas`` replicas, on free
     ports (``cluster-node-timeout`` 1 s, so that a killed primary's replica takes over
     within seconds)."""
@@ -483,14 +494,3 @@ class RedisClusterDeployment:
     def close(self) -> None:
         for server in self.servers:
             server.close()
-
-    def __enter__(self) -> RedisClusterDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -5,7 +5,6 @@ queues on the node of their slot, and failovers followed."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,10 +14,8 @@ import pytest
 import redis
 
 from crossws_channels.errors import ConfigurationError
-from tests.conftest import ErrorLog
-from tests.drivers.redis.test_sentinel import Stream
+from tests.drivers.redis.failover import check_failover, through_a_failover
 from tests.servers import RedisClusterDeployment, RedisServer
-from tests.waiting import eventually_async
 
 
 @pytest.fixture
@@ -83,59 +80,6 @@ async def test_channels_and_queues_spread_over_the_primaries(
         assert (await asyncio.wait_for(member.receive(f"spread-work-{n}"), 5))["type"] == "w"
 
 
-async def _stream_through(
-    make_layer: Any, deployment: RedisClusterDeployment, disrupt: Any, **config: Any
-) -> tuple[Stream, ErrorLog, float]:
-    errors = ErrorLog()
-    sender = make_layer(**cluster_config(deployment, **config))
-    receiver = make_layer(**cluster_config(deployment, **config), on_error=errors)
-    channel = await receiver.new_channel()
-    await receiver.group_add("stream", channel)
-    await sender.new_channel()
-    stream = Stream(sender, receiver, channel)
-    tasks = [asyncio.create_task(job()) for job in (stream.send, stream.receive, stream.take_jobs)]
-    try:
-        await eventually_async(lambda: len(stream.received) >= 50, what="the stream flowing")
-        started = time.monotonic()
-        await asyncio.to_thread(disrupt)
-        await eventually_async(
-            lambda: (
-                stream.received[-1][0] > time.monotonic() - 0.2
-                and stream.received[-1][0] - started > 3
-            ),
-            timeout=30,
-            what="relaying after the failover",
-        )
-        await asyncio.sleep(1)
-        stream.stopped = True
-        await asyncio.sleep(1)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return stream, errors, started
-
-
-def _check(stream: Stream, errors: ErrorLog, started: float, what: str) -> None:
-    gap, resumed = stream.longest_gap(started)
-    numbers = [n for _, n in stream.received]
-    missing = {n for _, n in stream.pushed} - set(stream.jobs)
-    print(
-        f"{what}: relaying paused {gap:.2f} s; {len(numbers)} group messages received; "
-        f"{len(stream.jobs)} of {len(stream.pushed)} worker items received"
-    )
-    assert gap < 10, f"relaying paused {gap:.2f} s"
-    assert len(numbers) == len(set(numbers)), "a group message arrived twice"
-    assert numbers == sorted(numbers)
-    assert len(stream.jobs) == len(set(stream.jobs)), "a worker item was received twice"
-    outside = [
-        n for at, n in stream.pushed if n in missing and not started - 0.5 < at < resumed + 0.5
-    ]
-    assert not outside, f"worker items lost outside the failover: {outside}"
-    # One report per outage: the subscription's, and the worker channel's queue's.
-    assert 1 <= len(errors.of(Exception, "subscribe")) <= 2, errors.calls
-
-
 @pytest.mark.parametrize("routing", ["groups", "broadcast"])
 async def test_a_killed_primary_is_replaced_by_its_replica(
     make_layer: Any, deployment: RedisClusterDeployment, routing: str
@@ -152,10 +96,9 @@ async def test_a_killed_primary_is_replaced_by_its_replica(
         primary.stop()
         deployment.wait_for_takeover(primary.port)
 
-    stream, errors, started = await _stream_through(
-        make_layer, deployment, kill, routing=routing, channel=channel
-    )
-    _check(stream, errors, started, f"primary killed, {routing} routing")
+    config = cluster_config(deployment, routing=routing, channel=channel)
+    stream, _, errors, started = await through_a_failover(make_layer, config, kill)
+    check_failover(stream, errors, started, f"primary killed, {routing} routing")
 
 
 async def test_a_manual_failover_moves_the_subscriptions(
@@ -170,10 +113,9 @@ async def test_a_manual_failover_moves_the_subscriptions(
                     client.execute_command("CLUSTER", "FAILOVER")
         deployment.wait_until_healthy()
 
-    stream, errors, started = await _stream_through(
-        make_layer, deployment, fail_over, routing="groups"
-    )
-    _check(stream, errors, started, "CLUSTER FAILOVER on every replica")
+    config = cluster_config(deployment, routing="groups")
+    stream, _, errors, started = await through_a_failover(make_layer, config, fail_over)
+    check_failover(stream, errors, started, "CLUSTER FAILOVER on every replica")
 
 
 @pytest.mark.parametrize(
