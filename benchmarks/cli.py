@@ -16,19 +16,20 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import env as environment
 from .machine import describe, revision
 from .plan import FULL, QUICK, Scenario, Sizes
+from .redis_cluster import start_private_cluster
 from .scenario_a import ScenarioA
 from .scenario_b import ScenarioB
 from .scenario_c import ScenarioC
 from .scenario_d import ScenarioD
 from .scenario_e import ScenarioE
 from .scenario_f import ScenarioF
-from .subjects import DRIVER_SERVICES, SUBJECTS
+from .subjects import DRIVER_SERVICES, ON_CLUSTER, SUBJECTS
 from .tables import case_table
 from .targets import summary_table
 from .trials import ScenarioResult, run_scenario
@@ -97,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
         help="Redis to use (default: $CROSSWS_REDIS_URL or the local server)",
     )
     parser.add_argument(
+        "--redis-cluster-url",
+        default=os.environ.get("CROSSWS_REDIS_CLUSTER_URL"),
+        help=(
+            "one node of a Redis Cluster for the cluster subjects (default: "
+            "$CROSSWS_REDIS_CLUSTER_URL, or a private 3-primary cluster on free ports, "
+            "started for the run and removed after it)"
+        ),
+    )
+    parser.add_argument(
         "--nats-url",
         default=environment.default_nats_url(),
         help="NATS (with JetStream) to use (default: $CROSSWS_NATS_URL or the local server)",
@@ -148,6 +158,18 @@ def _selected(args: argparse.Namespace) -> set[str]:
     return {key for key, subject in SUBJECTS.items() if subject.service in services}
 
 
+def _nothing() -> None:
+    pass
+
+
+def _runs_any(names: list[str], sizes: Sizes, selected: set[str], subjects: Sequence[str]) -> bool:
+    """Whether one of ``subjects`` is measured by the chosen scenarios."""
+    wanted = selected & set(subjects)
+    return any(
+        wanted & set(case.subjects) for name in names for case in SCENARIOS[name].cases(sizes)
+    )
+
+
 def _progress(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
@@ -175,13 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; use A, B, C, D, E, F")
     services = {SUBJECTS[key].service for key in selected}
-    env = environment.prepare(
-        args.redis_url,
-        args.pg_dsn,
-        want_pg="pgsql" in services,
-        want_mp="multiprocessing" in services,
-        nats_url=args.nats_url if "nats" in services else None,
-    )
+    cluster_url: str | None = args.redis_cluster_url
+    stop_cluster: Callable[[], None] = _nothing
+    cluster_notes: list[str] = []
+    if cluster_url is None and _runs_any(names, sizes, selected, ON_CLUSTER):
+        cluster_url, stop_cluster = start_private_cluster(cluster_notes)
+    try:
+        env = environment.prepare(
+            args.redis_url,
+            args.pg_dsn,
+            want_pg="pgsql" in services,
+            want_mp="multiprocessing" in services,
+            nats_url=args.nats_url if "nats" in services else None,
+            redis_cluster_url=cluster_url if selected & set(ON_CLUSTER) else None,
+        )
+    except BaseException:
+        stop_cluster()
+        raise
+    env = dataclasses.replace(env, notes=(*cluster_notes, *env.notes))
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
         env = dataclasses.replace(env, profile_dir=os.path.abspath(args.profile))
@@ -219,4 +252,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             _dump(args.json_path, results, meta)
     finally:
         environment.cleanup(env, args.pg_dsn)
+        stop_cluster()
     return 0

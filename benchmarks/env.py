@@ -33,6 +33,8 @@ class Env:
     mp_channel: str | None
     mp_socket_dir: str | None
     nats_url: str | None = None
+    # One node of a Redis Cluster, for the subjects that run on one.
+    redis_cluster_url: str | None = None
     notes: tuple[str, ...] = field(default=())
     # With a directory, every benchmark process runs under cProfile and saves its stats
     # there as <subject>-<role>-<pid>.prof.
@@ -73,6 +75,22 @@ def _redis(url: str, notes: list[str]) -> str | None:
         client.close()
     except Exception as exc:
         notes.append(f"Redis at {url} is unavailable ({exc}): its subjects are skipped")
+        return None
+    return url
+
+
+def _redis_cluster(url: str, notes: list[str]) -> str | None:
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=2) as client:
+            info = client.execute_command("CLUSTER", "INFO")
+    except Exception as exc:
+        notes.append(f"Redis Cluster at {url} is unavailable ({exc}): its subjects are skipped")
+        return None
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    if "cluster_state:ok" not in text:
+        notes.append(f"Redis at {url} is not a healthy cluster: its subjects are skipped")
         return None
     return url
 
@@ -191,8 +209,10 @@ def prepare(
     want_pg: bool,
     want_mp: bool,
     nats_url: str | None = None,
+    redis_cluster_url: str | None = None,
 ) -> Env:
-    """Check the servers and create what this run needs (NATS only with ``nats_url``)."""
+    """Check the servers and create what this run needs (NATS only with ``nats_url``, a
+    Redis Cluster only with ``redis_cluster_url``)."""
     run_id = secrets.token_hex(4)
     notes: list[str] = []
     redis_ok = _redis(redis_url, notes)
@@ -209,6 +229,7 @@ def prepare(
         mp_channel=mp_channel if socket_dir else None,
         mp_socket_dir=socket_dir,
         nats_url=nats_ok,
+        redis_cluster_url=_redis_cluster(redis_cluster_url, notes) if redis_cluster_url else None,
     )
     env = _migrate(env, notes)
     return Env(**{**env.__dict__, "notes": tuple(notes)})

@@ -39,6 +39,8 @@ from .tally import Tally, message, throttle, wait_for_warm, wait_until_done
 SCALE = (
     "crossws-redis",
     "crossws-redis-groups",
+    "crossws-redis-cluster",
+    "crossws-redis-cluster-groups",
     "crossws-nats",
     "crossws-nats-groups",
     "redis-pubsub",
@@ -152,7 +154,7 @@ class ScenarioF:
             ),
             primary="us_per_msg",
             counts=("lost", "duplicates"),
-            ratio_peers=("crossws-redis", "crossws-nats", "redis-pubsub"),
+            ratio_peers=("crossws-redis", "crossws-redis-cluster", "crossws-nats", "redis-pubsub"),
         )
 
     def run(self, case: Case, subject: str, env: Env, sizes: Sizes, trial: int) -> dict[str, float]:

@@ -98,6 +98,20 @@ SUBJECTS: dict[str, Subject] = {
             'this layer, nats driver, "routing": "groups"',
         ),
         Subject(
+            "crossws-redis-cluster",
+            "crossws redis cluster",
+            "crossws",
+            "redis",
+            'this layer, redis driver on a 3-primary Redis Cluster ("cluster": true)',
+        ),
+        Subject(
+            "crossws-redis-cluster-groups",
+            "crossws redis cluster groups",
+            "crossws",
+            "redis",
+            'this layer, redis driver on a 3-primary Redis Cluster, "routing": "groups"',
+        ),
+        Subject(
             "crossws-redis-signed",
             "crossws redis signed",
             "crossws",
@@ -123,6 +137,10 @@ BENCHMARK_KEY = "benchmark-only-secret-0123456789"
 # The same drivers with "routing": "groups" (A, B: what selective delivery costs one
 # instance; F: what it saves a cluster).
 ROUTED = ("crossws-redis-groups", "crossws-nats-groups")
+
+# The redis driver on a Redis Cluster (F): the run starts a private one unless it is
+# given one (--redis-cluster-url).
+ON_CLUSTER = ("crossws-redis-cluster", "crossws-redis-cluster-groups")
 
 # The channel layers that relay between processes (A, B), in table order.
 CROSS_PROCESS_LAYERS = (
@@ -155,7 +173,10 @@ DRIVER_SERVICES: dict[str, Service] = {
 def available(key: str, env: Env) -> str | None:
     """Why ``key`` can't run in ``env``; ``None`` if it can."""
     service = SUBJECTS[key].service
-    if service == "redis" and env.redis_url is None:
+    if key in ON_CLUSTER:
+        if env.redis_cluster_url is None:
+            return "no Redis Cluster"
+    elif service == "redis" and env.redis_url is None:
         return "no Redis"
     if service == "pgsql" and env.pg_dsn is None:
         return "no PostgreSQL"
@@ -186,7 +207,9 @@ def open_layer(key: str, env: Env, scope: str, defaults: bool = False) -> Any:
         config: dict[str, Any] = {"channel": scope, **capacity}
         if key.endswith("-groups"):
             config.update(routing="groups")
-        if key.startswith("crossws-redis"):
+        if key in ON_CLUSTER:
+            config.update(driver="redis", url=env.redis_cluster_url, cluster=True)
+        elif key.startswith("crossws-redis"):
             config.update(driver="redis", url=env.redis_url)
             if key == "crossws-redis-signed":
                 config.update(signing_keys=[BENCHMARK_KEY])

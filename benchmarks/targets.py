@@ -187,19 +187,26 @@ def _growth(subject: str, bound: float, flat: bool) -> Check:
     return check
 
 
-def _routed(driver: str) -> list[Target]:
-    mine, broadcast = f"crossws-{driver}-groups", f"crossws-{driver}"
+def _scaled(driver: str, subject: str) -> list[Target]:
+    """F for ``subject`` (broadcast) and ``subject-groups``."""
     return [
         Target(
             driver,
             f'F "routing": "groups": µs/msg at N={INSTANCES[0]} ≤ 1.5x N={INSTANCES[-1]}',
-            _growth(mine, 1.5, flat=True),
+            _growth(f"{subject}-groups", 1.5, flat=True),
         ),
         Target(
             driver,
             f"F broadcast: µs/msg grows with N (N={INSTANCES[0]} > 1.5x N={INSTANCES[-1]})",
-            _growth(broadcast, 1.5, flat=False),
+            _growth(subject, 1.5, flat=False),
         ),
+    ]
+
+
+def _routed(driver: str) -> list[Target]:
+    mine, broadcast = f"crossws-{driver}-groups", f"crossws-{driver}"
+    return [
+        *_scaled(driver, broadcast),
         Target(
             driver,
             'A K=1 defaults "routing": "groups" ≥ 0.9x broadcast, no loss',
@@ -327,6 +334,7 @@ TARGETS = [
         _ratio("A", T1, "rate", "crossws-mp", "crossws-redis", 1, True),
     ),
     *_routed("redis"),
+    *_scaled("redis cluster", "crossws-redis-cluster"),
     *_routed("nats"),
     *(
         Target(driver, "E flat (relayed, churn)", _flat(f"crossws-{key}"))
