@@ -353,6 +353,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "another process, and they chat with each other.",
                 end=" ",
             )
+        print(
+            f"\nPrometheus metrics: http://{HOST}:{ports[0]}/metrics (this process), "
+            f"http://{HOST}:{ports[0]}/metrics?scope=cluster (every process).",
+            end=" ",
+        )
         print("Ctrl-C stops the demo.\n", flush=True)
         while all(service.running() for service in services):
             time.sleep(0.2)

@@ -29,6 +29,7 @@ from .scenario_c import ScenarioC
 from .scenario_d import ScenarioD
 from .scenario_e import ScenarioE
 from .scenario_f import ScenarioF
+from .scenario_g import ScenarioG
 from .subjects import DRIVER_SERVICES, ON_CLUSTER, SUBJECTS
 from .tables import case_table
 from .targets import summary_table
@@ -36,7 +37,15 @@ from .trials import ScenarioResult, run_scenario
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
-    for s in (ScenarioA(), ScenarioB(), ScenarioC(), ScenarioD(), ScenarioE(), ScenarioF())
+    for s in (
+        ScenarioA(),
+        ScenarioB(),
+        ScenarioC(),
+        ScenarioD(),
+        ScenarioE(),
+        ScenarioF(),
+        ScenarioG(),
+    )
 }
 
 
@@ -55,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 trials (~2 min)")
     parser.add_argument(
         "--scenarios",
-        default="A,B,C,D,E",
-        help="comma-separated subset of A,B,C,D,E,F (F, the cluster-size scan, is not run "
+        default="A,B,C,D,E,G",
+        help="comma-separated subset of A,B,C,D,E,F,G (F, the cluster-size scan, is not run "
         "unless named)",
     )
     parser.add_argument(
@@ -195,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [name.upper() for name in _csv(args.scenarios)]
     unknown = [name for name in names if name not in SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; use A, B, C, D, E, F")
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)}; use A, B, C, D, E, F, G")
     services = {SUBJECTS[key].service for key in selected}
     cluster_url: str | None = args.redis_cluster_url
     stop_cluster: Callable[[], None] = _nothing

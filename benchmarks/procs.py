@@ -48,6 +48,7 @@ _PRELOAD = [
     "benchmarks.scenario_d",
     "benchmarks.scenario_e",
     "benchmarks.scenario_f",
+    "benchmarks.scenario_g",
 ]
 
 _context: ForkServerContext | None = None

@@ -16,7 +16,13 @@ from .env import Env
 from .plan import Case, Layout, Sizes
 from .procs import Role, Sync, run_roles
 from .report import Metric
-from .subjects import close_layer, layer_stats, open_layer, reported_losses, short, start_receivers
+from .subjects import (
+    open_layer,
+    reported_losses,
+    short,
+    start_receivers,
+    stop_and_close,
+)
 from .tally import Tally, message, wait_for_warm, wait_until_done
 
 SUBJECTS = (
@@ -55,11 +61,7 @@ async def _fanout(spec: dict[str, Any], env: Env, sync: Sync) -> dict[str, Any]:
     sent = time.monotonic()
     sync.sent.value = messages
     await wait_until_done(tally, sync, 0, per_message=members, idle=spec["idle"])
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    stats = layer_stats(key, layer)
-    await close_layer(key, layer)
+    stats = await stop_and_close(key, layer, tasks)
     return {
         "start": start,
         "sent": sent,

@@ -287,6 +287,16 @@ async def close_layer(key: str, layer: Any) -> None:
         await layer.close()
 
 
+async def stop_and_close(key: str, layer: Any, tasks: list[asyncio.Task[None]]) -> dict[str, Any]:
+    """Cancel a role's receive loops, then close its layer; the layer's stats before."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stats = layer_stats(key, layer)
+    await close_layer(key, layer)
+    return stats
+
+
 def layer_stats(key: str, layer: Any) -> dict[str, Any]:
     """This layer's own counters (drops it reported), where it has them."""
     if key.startswith("crossws-"):

@@ -9,6 +9,7 @@ from .report import render, summarize
 from .scenario_a import DEFAULTS, SEALED, TRANSPORT, label
 from .scenario_e import FLAT_MIB
 from .scenario_f import INSTANCES
+from .scenario_g import LOOP_GROUPS, LOOP_SENDS, MANY_GROUPS, MANY_SENDS
 from .trials import ScenarioResult
 
 Check = Callable[["Results"], tuple[bool | None, str]]
@@ -101,16 +102,27 @@ def _worker(subject: str, times_core: float = 3) -> Check:
     return check
 
 
-def _ratio_across(case: str, peer_case: str, mine: str, peer: str, bound: float) -> Check:
-    """A's rate of ``mine`` in ``case`` against ``peer``'s in ``peer_case`` (default
-    settings against a peer's large-capacity figure, which is its best)."""
+def _ratio_across(
+    case: str,
+    peer_case: str,
+    mine: str,
+    peer: str,
+    bound: float,
+    scenario: str = "A",
+    metric: str = "rate",
+    at_least: bool = True,
+) -> Check:
+    """``metric`` of ``mine`` in ``case`` against ``peer``'s in ``peer_case`` (A: default
+    settings against a peer's large-capacity figure, which is its best; G: a bulk call
+    against a loop of single ones): at least ``bound`` times, or at most."""
 
     def check(results: Results) -> tuple[bool | None, str]:
-        a = results.median("A", case, mine, "rate")
-        b = results.median("A", peer_case, peer, "rate")
+        a = results.median(scenario, case, mine, metric)
+        b = results.median(scenario, peer_case, peer, metric)
         if a is None or not b:
             return None, "not measured"
-        return a / b >= bound, f"{a / b:.2f}x"
+        ratio = a / b
+        return (ratio >= bound if at_least else ratio <= bound), f"{ratio:.2f}x"
 
     return check
 
@@ -199,6 +211,24 @@ def _scaled(driver: str, subject: str) -> list[Target]:
             driver,
             f"F broadcast: µs/msg grows with N (N={INSTANCES[0]} > 1.5x N={INSTANCES[-1]})",
             _growth(subject, 1.5, flat=False),
+        ),
+    ]
+
+
+def _bulk_targets(driver: str, key: str) -> list[Target]:
+    subject = f"crossws-{key}"
+    return [
+        Target(
+            driver,
+            "G group_send_many ≥ 2x a loop of group_send (msgs/s)",
+            _ratio_across(MANY_GROUPS, LOOP_GROUPS, subject, subject, 2, scenario="G"),
+        ),
+        Target(
+            driver,
+            "G send_many: sender CPU per message ≤ 1x a loop of send",
+            _ratio_across(
+                MANY_SENDS, LOOP_SENDS, subject, subject, 1, "G", "sender_us", at_least=False
+            ),
         ),
     ]
 
@@ -336,6 +366,16 @@ TARGETS = [
     *_routed("redis"),
     *_scaled("redis cluster", "crossws-redis-cluster"),
     *_routed("nats"),
+    *(
+        target
+        for driver, key in (
+            ("redis", "redis"),
+            ("pgsql", "pgsql"),
+            ("multiprocessing", "mp"),
+            ("nats", "nats"),
+        )
+        for target in _bulk_targets(driver, key)
+    ),
     *(
         Target(driver, "E flat (relayed, churn)", _flat(f"crossws-{key}"))
         for driver, key in (("redis", "redis"), ("pgsql", "pgsql"), ("multiprocessing", "mp"))

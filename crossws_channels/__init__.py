@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ._monitor import GroupSnapshot, Pong
     from .drivers import (
         Deliver,
         Driver,
@@ -66,12 +67,14 @@ __all__ = [
     "Envelope",
     "ErrorHandler",
     "ForeignObject",
+    "GroupSnapshot",
     "MalformedMessage",
     "MessageExpired",
     "MessageTooLarge",
     "MessagesDropped",
     "MessagesLost",
     "NotificationQueueFilling",
+    "Pong",
     "Ready",
     "RelayUnavailable",
     "Stage",
@@ -93,6 +96,7 @@ __all__ = [
 # Where each public name lives.
 _HOMES = {
     "BackplaneChannelLayer": "layer",
+    **dict.fromkeys(["GroupSnapshot", "Pong"], "_monitor"),
     **dict.fromkeys(["Envelope", "SyncMessage", "decode_envelope", "encode_envelope"], "envelope"),
     **dict.fromkeys(
         [

@@ -8,10 +8,12 @@ the shared queue; full members are counted and reported, aggregated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from time import monotonic
 
 from . import serialize
 from ._flow import InboundFlow
+from ._histograms import Histogram
 from ._registry import Credit, Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from ._workers import WorkerChannels
@@ -40,6 +42,7 @@ class Delivery:
         *,
         expiry: float,
         group_expiry: float,
+        fanout: Histogram | None = None,
     ) -> None:
         self._registry = registry
         self._workers = workers
@@ -47,12 +50,13 @@ class Delivery:
         self._reporter = reporter
         self._expiry = expiry
         self._group_expiry = group_expiry
+        # How many members a group message reached here (where it reached any).
+        self._fanout = fanout
 
     def to_group(self, group: str, payload: Payload, flow: InboundFlow | None = None) -> None:
         """Deliver to the members of ``group`` here; with ``flow``, a relayed message that
         may hold up the backplane for full members that read (see ``_flow``)."""
         registry = self._registry
-        now = monotonic()
         item: Item = payload
         if registry.member_count(group) > 1:
             # Decode once for every local member; each receives its own copy of that.
@@ -61,11 +65,38 @@ class Delivery:
             except Exception as exc:
                 self._reporter.drop_malformed(f"a message for group {group!r}: {exc}")
                 return
-        result = registry.group_put(
+        self._put(group, payload, item, flow, monotonic())
+
+    def to_groups(
+        self, groups: Sequence[str], payload: Payload, flow: InboundFlow | None = None
+    ) -> None:
+        """One message to the members of each of ``groups`` here, as :meth:`to_group`
+        for each, decoded once for all of them."""
+        registry = self._registry
+        item: Item = payload
+        if sum(registry.member_count(group) for group in groups) > 1:
+            try:
+                item = serialize.Template(serialize.loads(payload))
+            except Exception as exc:
+                self._reporter.drop_malformed(f"a message for groups {list(groups)!r}: {exc}")
+                return
+        now = monotonic()
+        for group in groups:
+            self._put(group, payload, item, flow, now)
+
+    def _put(
+        self, group: str, payload: Payload, item: Item, flow: InboundFlow | None, now: float
+    ) -> None:
+        result = self._registry.group_put(
             group, item, now + self._expiry, now - self._group_expiry, flow, now
         )
         if result.delivered:
             self._stats.incr("delivered", result.delivered)
+        fanout = self._fanout
+        if fanout is not None:
+            reached = result.delivered + len(result.full) + len(result.shared)
+            if reached:
+                fanout.observe(reached)
         if result.full:
             self._stats.incr("dropped.full", len(result.full))
             self._reporter.tally(

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import json
+import time
+from collections.abc import Sequence
 
 from ._sealing import Sealer
 from .envelope import SyncMessage, encode_frame
 
-__all__ = ["Frames"]
+__all__ = ["GROUPS", "Frames", "pack_groups", "unpack_groups"]
+
+# The topic of one message to several groups (group_send_many). Not a group name, so
+# no crossws peer delivers it, and without the "!" of control messages, so that our own
+# echo is dropped unread like any other.
+GROUPS = "*groups"
+# Groups named in one such envelope; more go in several (each receiver decodes what it
+# is sent, and this keeps envelopes within the receivers' bound).
+GROUPS_PER_ENVELOPE = 256
 
 # Topics whose numbering is remembered (one per group a sender sends to, with a topic
 # per group).
@@ -33,7 +44,9 @@ class Frames:
         expires: float | None = None,
         seq: int | None = None,
         ask: bool = False,
+        stamp: bool = False,
     ) -> str:
+        """``stamp``: a message for channels, carrying when it was sent (relay lag)."""
         sealer = self.sealer
         if sealer is not None and sealer.encrypt:
             data = sealer.encrypt_data(self.instance_id, topic, data)
@@ -43,12 +56,14 @@ class Frames:
             seq=seq,
             expires=expires,
             ask=ask,
+            sent=time.time_ns() // 1000 if stamp else None,
         )
         return text if sealer is None else sealer.seal(text)
 
     def broadcast(self, topic: str, data: str | bytes) -> str:
-        """A frame for every instance, with the next number of this instance's broadcasts."""
-        return self.frame(topic, data, seq=next(self._broadcasts))
+        """A frame for every instance, with the next number of this instance's broadcasts
+        (and, unless it is a control message, when it was sent)."""
+        return self.frame(topic, data, seq=next(self._broadcasts), stamp=topic[:1] != "!")
 
     def routed(self, topic: str, group: str, data: str | bytes) -> str:
         """A frame for the instances listening to ``topic``, numbered on that topic."""
@@ -59,4 +74,33 @@ class Frames:
                 # for lost ones.
                 self._topics.clear()
             counter = self._topics[topic] = itertools.count(1)
-        return self.frame(group, data, seq=next(counter))
+        return self.frame(group, data, seq=next(counter), stamp=True)
+
+
+def pack_groups(groups: Sequence[str], payload: str | bytes) -> str | bytes:
+    """The data of a :data:`GROUPS` envelope: the groups as a JSON list, a newline, and
+    the serialized message (JSON never writes a raw newline, so the first one splits)."""
+    names = json.dumps(list(groups), separators=(",", ":"))
+    if isinstance(payload, bytes):
+        return names.encode() + b"\n" + payload
+    return names + "\n" + payload
+
+
+def unpack_groups(data: str | bytes) -> tuple[list[str], str | bytes]:
+    """The groups and the serialized message of a :data:`GROUPS` envelope.
+
+    Raises ``ValueError`` for data that isn't one.
+    """
+    payload: str | bytes
+    try:
+        if isinstance(data, bytes):
+            head, sep, payload = data.partition(b"\n")
+            names: object = json.loads(head)
+        else:
+            head_text, sep_text, payload = data.partition("\n")
+            names, sep = json.loads(head_text), sep_text.encode()
+    except ValueError:
+        names, sep = None, b""
+    if not sep or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("not a list of groups and a message")
+    return names, payload

@@ -31,9 +31,20 @@ from . import serialize
 from ._credits import CREDIT, PROBE, Grants, SendWindows
 from ._delivery import Delivery
 from ._flow import InboundFlow
-from ._frames import Frames
+from ._frames import GROUPS, Frames, unpack_groups
 from ._health import Outage
-from ._monitor import HEARTBEAT, PING, PONG, Census, Heartbeat, Pinger, SequenceGaps, identity
+from ._histograms import Histogram
+from ._monitor import (
+    HEARTBEAT,
+    PING,
+    PONG,
+    Census,
+    Heartbeat,
+    Pinger,
+    SequenceGaps,
+    group_answer,
+    identity,
+)
 from ._outbox import Outbox
 from ._registry import Registry
 from ._reporting import Reporter, Stats
@@ -134,6 +145,7 @@ class Inbound:
         max_envelope: int,
         guard: ReplayGuard | None = None,
         routes: Routes | None = None,
+        lag: Histogram | None = None,
     ) -> None:
         self._frames = frames
         # With signing_keys or encryption_keys: what is not sealed by the cluster, or
@@ -143,6 +155,8 @@ class Inbound:
         # Routing "groups": group messages are numbered per topic, and a remote
         # group_add may need a topic subscribed.
         self._routes = routes
+        # Send to arrival of the messages for channels that say when they were sent.
+        self._lag = lag
         self._max_envelope = max_envelope
         self._instance_id = frames.instance_id
         self._registry = registry
@@ -264,6 +278,10 @@ class Inbound:
                 self._on_control(sender, topic, data)
             return None
         self._stats.incr("relayed_in")
+        sent = envelope.sent
+        if sent is not None and self._lag is not None:
+            # Clocks of different hosts differ: a message can't arrive before it was sent.
+            self._lag.observe(max(0.0, time.time() - sent))
         if topic[:1] == "!":
             if envelope.seq is not None:  # a broadcast: numbered per sender
                 self._count_gap(sender, envelope.seq)
@@ -272,6 +290,8 @@ class Inbound:
         if "!" in topic:
             self._on_direct(sender, topic, data, envelope.seq, envelope.ask)
             return None
+        if topic == GROUPS:
+            return self._on_groups(sender, envelope.seq, data)
         if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
             logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
             return None
@@ -295,6 +315,30 @@ class Inbound:
                 return None
         flow = self._flow
         self._delivery.to_group(topic, payload, flow)
+        return flow.finish()
+
+    def _on_groups(
+        self, sender: str, number: int | None, data: str | bytes
+    ) -> asyncio.Future[None] | None:
+        """One message to several groups (``group_send_many``), from a layer instance."""
+        try:
+            if number is None:
+                raise ValueError("not numbered")
+            groups, payload = unpack_groups(data)
+            if not groups:
+                raise ValueError("no groups")
+            for group in groups:
+                _names.require_valid_group_name(group)
+        except Exception as exc:
+            self._reporter.drop_malformed(f"a malformed message to several groups: {exc}")
+            return None
+        routes = self._routes
+        # The groups of one envelope share a topic (routing "groups"): one stream.
+        self._count_gap(
+            sender, number, None if routes is None else routes.gap_key(sender, groups[0])
+        )
+        flow = self._flow
+        self._delivery.to_groups(groups, payload, flow)
         return flow.finish()
 
     def _on_direct(
@@ -396,10 +440,15 @@ class Inbound:
             request = json.loads(data)
             token = request["token"]
             want_stats = bool(request.get("stats"))
+            group = request.get("group")
+            if group is not None:
+                _names.require_valid_group_name(group)
         except (ValueError, KeyError, TypeError):
             return
         info: dict[str, Any] = {**identity(), "driver": self._driver_name}
         if want_stats:
             info["stats"] = self._census.snapshot()
+        if group is not None:
+            info["group"] = group_answer(self._registry, group, bool(request.get("channels")))
         answer = json.dumps({"token": token, "info": info})
         self._outbox.post(sender, self._frames.frame(PONG, answer))

@@ -26,19 +26,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._histograms import Histograms
 from ._registry import Registry
 from ._reporting import Stats
 from .errors import DeafSubscription
 
 logger = logging.getLogger("crossws_channels")
 
-__all__ = ["HEARTBEAT", "PING", "PONG", "Census", "Heartbeat", "Pinger", "SequenceGaps"]
+__all__ = [
+    "HEARTBEAT",
+    "PING",
+    "PONG",
+    "Census",
+    "GroupSnapshot",
+    "Heartbeat",
+    "Pinger",
+    "SequenceGaps",
+    "group_answer",
+]
 
 HEARTBEAT = "!hb"
 PING = "!ping"
 PONG = "!pong"
 # Senders remembered for gap counting; older ones are forgotten first.
 MAX_SENDERS = 4096
+# Channels one instance lists in its answer to group_channels(); past that its answer
+# says how many it has and that the list is cut (an answer is one envelope).
+GROUP_CHANNELS_LISTED = 1000
 # A jump in one sender's numbers beyond this is not a loss but traffic that is not the
 # sender's (forged, or corrupt): at 100,000 messages a second it is over a minute and a
 # half of silence, which the subscription's outage report covers. Counting it would make
@@ -149,6 +163,58 @@ class Pong:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """What the instances that answered said about a group: a best-effort snapshot.
+
+    ``size`` adds up the members each answering instance had when it answered;
+    ``instances`` maps each of them to its count. An instance that is down, cut off or
+    slower than the timeout is missing from both (compare ``instances`` with what you
+    expect). ``channels`` (``group_channels()`` only) lists the members; ``complete``
+    is False if an instance had more than it lists in one answer (1000).
+    """
+
+    group: str
+    size: int
+    instances: dict[str, int]
+    channels: frozenset[str] = frozenset()
+    complete: bool = True
+
+    @classmethod
+    def of(cls, group: str, pongs: list[Pong], listed: bool) -> GroupSnapshot:
+        instances: dict[str, int] = {}
+        channels: set[str] = set()
+        complete = True
+        for pong in pongs:
+            answer = pong.info.get("group")
+            if not isinstance(answer, dict) or answer.get("name") != group:
+                continue  # an instance of a version that doesn't answer group queries
+            size = answer.get("size")
+            if type(size) is not int or size < 0:
+                continue
+            instances[pong.instance_id] = size
+            names = answer.get("channels")
+            if listed and isinstance(names, list):
+                channels.update(name for name in names if isinstance(name, str))
+                complete = complete and len(names) >= size
+        return cls(
+            group,
+            sum(instances.values()),
+            instances,
+            frozenset(channels) if listed else frozenset(),
+            complete if listed else True,
+        )
+
+
+def group_answer(registry: Registry, group: str, listed: bool) -> dict[str, Any]:
+    """This instance's part of a group query."""
+    members = registry.members(group)
+    answer: dict[str, Any] = {"name": group, "size": len(members)}
+    if listed:
+        answer["channels"] = members[:GROUP_CHANNELS_LISTED]
+    return answer
+
+
 class Census:
     """What ``layer.stats()`` returns, and what a ping answer carries."""
 
@@ -160,6 +226,7 @@ class Census:
         gaps: SequenceGaps,
         connected: Callable[[], bool],
         sizes: Callable[[], dict[str, int]] | None = None,
+        histograms: Histograms | None = None,
     ) -> None:
         self._header = header  # instance id, driver, channel, routing
         self._stats = stats
@@ -167,6 +234,7 @@ class Census:
         self.gaps = gaps
         self._connected = connected
         self._sizes = sizes  # more sizes to show (the routes' topics)
+        self._histograms = histograms
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -176,6 +244,7 @@ class Census:
             "lost_by_sender": dict(self.gaps.missing),
             **self._registry.sizes(),
             **(self._sizes() if self._sizes is not None else {}),
+            **({"histograms": self._histograms.snapshot()} if self._histograms is not None else {}),
         }
 
 

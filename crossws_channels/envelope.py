@@ -11,7 +11,7 @@ crossws's ``decodeEnvelope`` accepts, so a crossws server and a Django project c
 one backplane.
 
 crossws_channels may append its own top-level keys after ``msg`` (``seq``, ``exp``,
-``ask``); crossws ignores keys it does not know.
+``ask``, ``ts``); crossws ignores keys it does not know.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ class SyncMessage:
 class Envelope:
     """A decoded envelope: the sender's instance id and the message.
 
-    ``seq``, ``expires`` and ``ask`` are crossws_channels' own additions: a sequence
-    number (of the sender's broadcasts, or of its messages sent to channels), a
-    wall-clock deadline, and a request for credit (flow control of direct sends). They
-    are ``None`` (``False``) in envelopes from crossws.
+    ``seq``, ``expires``, ``ask`` and ``sent`` are crossws_channels' own additions: a
+    sequence number (of the sender's broadcasts, or of its messages sent to channels), a
+    wall-clock deadline, a request for credit (flow control of direct sends), and the
+    wall-clock time it was sent (for the relay-lag histogram). They are ``None``
+    (``False``) in envelopes from crossws.
     """
 
     id: str
@@ -51,6 +52,7 @@ class Envelope:
     seq: int | None = None
     expires: float | None = None
     ask: bool = False
+    sent: float | None = None
 
 
 # JavaScript strings are UTF-16: JSON.stringify writes a surrogate pair as the character
@@ -122,10 +124,12 @@ def encode_frame(
     seq: int | None = None,
     expires: float | None = None,
     ask: bool = False,
+    sent: int | None = None,
 ) -> str:
-    """Encode an envelope with crossws_channels' optional keys appended."""
+    """Encode an envelope with crossws_channels' optional keys appended (``sent``: the
+    wall-clock time in microseconds, ``"ts"``)."""
     text = encode_envelope(instance_id, msg)
-    if seq is None and expires is None and not ask:
+    if seq is None and expires is None and not ask and sent is None:
         return text
     extra = ""
     if seq is not None:
@@ -134,6 +138,8 @@ def encode_frame(
         extra += f',"exp":{expires!r}'
     if ask:
         extra += ',"ask":true'
+    if sent is not None:
+        extra += f',"ts":{sent:d}'
     return text[:-1] + extra + "}"
 
 
@@ -196,6 +202,7 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
             payload = decoded
         seq = parsed.get("seq")
         expires = parsed.get("exp")
+        sent = parsed.get("ts")
         return Envelope(
             instance_id,
             SyncMessage(namespace, topic, payload),
@@ -204,6 +211,7 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
             if isinstance(expires, (int, float)) and not isinstance(expires, bool)
             else None,
             parsed.get("ask") is True,
+            sent / 1e6 if type(sent) is int and sent > 0 else None,
         )
     except Exception:
         # Malformed input of any shape (bad UTF-8, bad JSON, nesting too deep for the

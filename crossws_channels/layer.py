@@ -21,7 +21,7 @@ import os
 import secrets
 import string
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from time import monotonic
 from typing import Any, ClassVar, cast
 
@@ -33,8 +33,9 @@ from ._backplane import Backplane, Job
 from ._credits import PROBE, Grants, SendWindows
 from ._delivery import Delivery
 from ._flow import InboundFlow
-from ._frames import Frames
+from ._frames import GROUPS, GROUPS_PER_ENVELOPE, Frames, pack_groups
 from ._health import Health
+from ._histograms import Histograms
 from ._home import Home
 from ._housekeeping import Housekeeping
 from ._inbound import (
@@ -45,7 +46,16 @@ from ._inbound import (
     envelope_limit,
     owner,
 )
-from ._monitor import HEARTBEAT, PING, Census, Heartbeat, Pong, SequenceGaps
+from ._monitor import (
+    HEARTBEAT,
+    PING,
+    Census,
+    GroupSnapshot,
+    Heartbeat,
+    Pong,
+    SequenceGaps,
+    group_answer,
+)
 from ._outbox import Outbox
 from ._registry import Payload, Registry
 from ._reporting import Reporter, Stats
@@ -53,8 +63,8 @@ from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, derive_keys
 from ._workers import WorkerChannels
 from .config import LayerConfig, build_driver, find_alias, parse_config
-from .drivers.base import Driver, SubscribingDriver, SupportsFlush, capabilities
-from .errors import MessageExpired, MessageTooLarge
+from .drivers.base import Driver, SubscribingDriver, SupportsFlush, Topic, capabilities
+from .errors import MessageExpired, MessagesDropped, MessageTooLarge
 
 logger = logging.getLogger("crossws_channels")
 
@@ -98,7 +108,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
     def __init__(self, **config: Any) -> None:
         self._raw_config = dict(config)
         _layers.add(self)
-        alias = find_alias(config)
+        self.alias = alias = find_alias(config)
         self.config: LayerConfig = parse_config(config, alias)
         super().__init__(capacity=self.config.capacity)
         self.expiry = self.config.expiry  # type: ignore[assignment]  # Channels types it int
@@ -113,6 +123,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         config = self.config
         can = capabilities(driver)
         self._stats = stats = Stats()
+        histograms = Histograms()
         home = Home()
         health = Health()
         self._reporter = reporter = Reporter(config.on_error, stats, home)
@@ -146,6 +157,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             reporter,
             expiry=config.expiry,
             group_expiry=config.group_expiry,
+            fanout=histograms.fanout,
         )
         census = Census(
             {
@@ -159,6 +171,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             SequenceGaps(),
             connected=lambda: home.loop is not None and health.ok(),
             sizes=None if routes is None else routes.sizes,
+            histograms=histograms,
         )
         self._census = census
         heartbeat = self._make_heartbeat(driver, health, flow)
@@ -180,6 +193,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             max_envelope=envelope_limit(config.max_message_size),
             guard=guard,
             routes=routes,
+            lag=histograms.relay_lag,
         )
         housekeeping = Housekeeping(
             registry,
@@ -285,7 +299,30 @@ class BackplaneChannelLayer(BaseChannelLayer):
         ``backpressure`` seconds (see ``docs/semantics.md``).
         """
         self.require_valid_channel_name(channel)
-        payload = self._serialize(message)
+        await self._send(channel, self._serialize(message))
+
+    async def send_many(self, messages: Iterable[tuple[str, Message]]) -> None:
+        """Send each ``(channel, message)`` pair, in order, as :meth:`send` would.
+
+        Every name and message is checked before anything is sent, so a bad one (raising
+        as ``send`` does) sends nothing. A channel at capacity does not stop the others:
+        once they are sent, :class:`~crossws_channels.errors.MessagesDropped` (a
+        ``ChannelFull``) names the channels whose message was not taken.
+        """
+        pairs = []
+        for channel, message in messages:
+            self.require_valid_channel_name(channel)
+            pairs.append((channel, self._serialize(message)))
+        full: list[str] = []
+        for channel, payload in pairs:
+            try:
+                await self._send(channel, payload)
+            except ChannelFull:
+                full.append(channel)
+        if full:
+            raise MessagesDropped(len(full), full)
+
+    async def _send(self, channel: str, payload: Payload) -> None:
         await self._backplane.ensure()
         target = owner(channel)
         if target is None:
@@ -304,7 +341,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
     async def _send_remote(self, target: str, channel: str, payload: Payload) -> None:
         frames, backplane = self._frames, self._backplane
         if self.config.backpressure <= 0:
-            await backplane.publish(target, frames.frame(channel, payload))
+            await backplane.publish(target, frames.frame(channel, payload, stamp=True))
             return
 
         async def probe(last: int) -> None:
@@ -315,7 +352,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
         except ChannelFull:
             self._stats.incr("refused.full")
             raise
-        await backplane.publish(target, frames.frame(channel, payload, seq=number, ask=ask))
+        frame = frames.frame(channel, payload, seq=number, ask=ask, stamp=True)
+        await backplane.publish(target, frame)
 
     async def receive(self, channel: str) -> Message:
         """Wait for the next message on ``channel``.
@@ -413,6 +451,34 @@ class BackplaneChannelLayer(BaseChannelLayer):
             topic = routes.topic_of(group)
             await self._backplane.publish(topic, self._frames.routed(topic, group, payload))
 
+    async def group_send_many(self, groups: Iterable[str], message: Message) -> None:
+        """Send ``message`` to each of ``groups``: what a ``group_send`` to each does,
+        with the message serialized once and relayed in one envelope (one per topic
+        with ``"routing": "groups"``). A channel in several of the groups gets the
+        message once per group, as with a loop of ``group_send``."""
+        names = list(dict.fromkeys(groups))
+        for group in names:
+            self.require_valid_group_name(group)
+        payload = self._serialize(message)
+        if not names:
+            return
+        await self._backplane.ensure()
+        self._delivery.to_groups(names, payload)
+        routes, frames = self._routes, self._frames
+        if routes is None:
+            for chunk in _chunks(names):
+                await self._backplane.publish(
+                    None, frames.broadcast(GROUPS, pack_groups(chunk, payload))
+                )
+            return
+        by_topic: dict[Topic, list[str]] = {}
+        for group in names:
+            by_topic.setdefault(routes.topic_of(group), []).append(group)
+        for topic, members in by_topic.items():
+            for chunk in _chunks(members):
+                frame = frames.routed(topic, GROUPS, pack_groups(chunk, payload))
+                await self._backplane.publish(topic, frame)
+
     async def flush(self) -> None:
         """Forget this instance's messages and groups, and the cluster's worker queues."""
         self._grants.send(self._registry.flush())
@@ -441,19 +507,53 @@ class BackplaneChannelLayer(BaseChannelLayer):
         with its round-trip time and, with ``stats=True``, that instance's ``stats()``.
         This instance's own answer proves the backplane carries its messages both ways.
         """
+        return await self._ask_cluster(timeout, {"stats": stats})
+
+    async def group_size(self, group: str, timeout: float = 1.0) -> GroupSnapshot:
+        """How many members ``group`` has in the whole cluster, as the instances that
+        answer within ``timeout`` seconds count them: a best-effort snapshot (see
+        :class:`~crossws_channels.GroupSnapshot`; ``.size`` is the number)."""
+        return await self._group_query(group, timeout, listed=False)
+
+    async def group_channels(self, group: str, timeout: float = 1.0) -> GroupSnapshot:
+        """The members of ``group`` in the whole cluster, as the instances that answer
+        within ``timeout`` seconds list them (``.channels``): a best-effort snapshot."""
+        return await self._group_query(group, timeout, listed=True)
+
+    async def _group_query(self, group: str, timeout: float, listed: bool) -> GroupSnapshot:
+        self.require_valid_group_name(group)
+        pongs = await self._ask_cluster(timeout, {"group": group, "channels": listed})
+        if all(pong.instance_id != self.instance_id for pong in pongs):
+            # A backplane that doesn't echo (multiprocessing) never brings our own answer.
+            answer = group_answer(self._registry, group, listed)
+            pongs.append(Pong(self.instance_id, 0.0, {"group": answer}))
+        return GroupSnapshot.of(group, pongs, listed)
+
+    async def _ask_cluster(self, timeout: float, request: dict[str, Any]) -> list[Pong]:
+        """Broadcast a ping carrying ``request``; the answers within ``timeout``."""
         await self._backplane.subscribed()
         pinger = self._inbound.pinger
         token = pinger.start()
         try:
-            request = json.dumps({"token": token, "stats": stats})
-            await self._backplane.publish(None, self._frames.broadcast(PING, request))
+            text = json.dumps({"token": token, **request})
+            await self._backplane.publish(None, self._frames.broadcast(PING, text))
             await asyncio.sleep(timeout)
         finally:
             pongs = pinger.finish(token)
         return pongs
 
 
+def _chunks(groups: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(groups), GROUPS_PER_ENVELOPE):
+        yield groups[start : start + GROUPS_PER_ENVELOPE]
+
+
 _layers: weakref.WeakSet[BackplaneChannelLayer] = weakref.WeakSet()
+
+
+def live_layers() -> list[BackplaneChannelLayer]:
+    """Every layer of this process that has not been garbage-collected."""
+    return list(_layers)
 
 
 def _after_fork_in_child() -> None:

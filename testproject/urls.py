@@ -1,9 +1,11 @@
-"""HTTP routes: the chat pages and the two sync views that talk to the channel layer."""
+"""HTTP routes: the chat pages, the two sync views that talk to the channel layer, and
+the layer's Prometheus metrics at ``/metrics`` (``?scope=cluster``: every instance's)."""
 
 from __future__ import annotations
 
 from django.urls import URLPattern, path, re_path
 
+from crossws_channels.prometheus import metrics_view
 from testproject.chat import views
 from testproject.chat.rooms import ROOM
 
@@ -12,4 +14,5 @@ urlpatterns: list[URLPattern] = [
     re_path(rf"^chat/(?P<room>{ROOM})/$", views.room, name="room"),
     re_path(rf"^chat/(?P<room>{ROOM})/announce/$", views.announce, name="announce"),
     re_path(rf"^chat/(?P<room>{ROOM})/job/$", views.job, name="job"),
+    path("metrics", metrics_view, name="metrics"),
 ]

@@ -272,8 +272,24 @@ def operations(layer: Any) -> dict[str, Callable[..., Any]]:
             _group_send_in_rolled_back_transaction, layer, group, message, hold
         )
 
+    async def send_many(pairs: list[list[Any]]) -> None:
+        await layer.send_many((channel, message) for channel, message in pairs)
+
+    async def group_query(group: str, channels: bool, timeout: float) -> dict[str, Any]:
+        ask = layer.group_channels if channels else layer.group_size
+        snapshot = await ask(group, timeout=timeout)
+        return {
+            "size": snapshot.size,
+            "instances": snapshot.instances,
+            "channels": sorted(snapshot.channels),
+            "complete": snapshot.complete,
+        }
+
     return {
         "new_channel": layer.new_channel,
+        "send_many": send_many,
+        "group_send_many": layer.group_send_many,
+        "group_query": group_query,
         "send": layer.send,
         "group_add": layer.group_add,
         "group_discard": layer.group_discard,
@@ -462,6 +478,11 @@ class Agent:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        """Kill the process at once (SIGKILL): an instance that is down, not closed."""
+        self.process.kill()
+        self.process.wait(5)
 
     def stop(self) -> None:
         """Ask the agent to close its layer and exit; kill it if it does not."""

@@ -184,6 +184,10 @@ class ThreadAgent:
         assert done, f"thread agent: {count} sync group_sends did not finish in {timeout} s"
         return done
 
+    def kill(self) -> None:
+        """Down: a thread has no SIGKILL, so its layer closes and it answers nothing."""
+        self.stop()
+
     def stop(self) -> None:
         for future in self._pending.values():
             future.cancel()

@@ -1,4 +1,4 @@
-"""The operator commands: backplane_check and backplane_stats."""
+"""The operator commands: backplane_check, backplane_stats and backplane_group."""
 
 from __future__ import annotations
 
@@ -92,3 +92,28 @@ def test_stats_prints_every_instances_counters(cluster: tuple[str, Any]) -> None
     assert by_id[live.instance_id]["relayed_in"] >= 1
     text = run("backplane_stats", "--timeout", "0.3")
     assert live.instance_id in text and "relayed_in" in text
+
+
+def test_group_prints_the_members_of_every_live_instance(cluster: tuple[str, Any]) -> None:
+    """backplane_group counts (and with --channels lists) the live instances' members."""
+    _, live = cluster
+    server = OtherLoop()
+    try:
+        members = [
+            asyncio.run_coroutine_threadsafe(live.new_channel(), server.loop).result(5)
+            for _ in range(2)
+        ]
+        for channel in members:
+            async_to_sync(live.group_add)("room", channel)
+        report = json.loads(run("backplane_group", "room", "--timeout", "0.3", "--json"))
+        assert report == {"group": "room", "size": 2, "instances": {live.instance_id: 2}}
+        listed = json.loads(
+            run("backplane_group", "room", "--channels", "--timeout", "0.3", "--json")
+        )
+        assert listed["channels"] == sorted(members) and listed["complete"] is True
+        text = run("backplane_group", "room", "--channels", "--timeout", "0.3")
+        assert "2 member(s)" in text and all(channel in text for channel in members)
+        with pytest.raises(CommandError, match="Group name"):
+            run("backplane_group", "not a name", "--timeout", "0.1")
+    finally:
+        server.close()

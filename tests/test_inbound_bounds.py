@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as redis_py
 
 from crossws_channels import serialize
+from crossws_channels._frames import GROUPS, pack_groups, unpack_groups
 from crossws_channels._inbound import envelope_limit
 from crossws_channels.envelope import SyncMessage, encode_envelope, encode_frame
 from crossws_channels.errors import MalformedMessage
@@ -132,3 +133,37 @@ async def test_a_relayed_extension_type_never_reaches_a_consumer(
     )
     assert (await asyncio.wait_for(layer.receive(channel), 5)) == {"type": "after"}
     assert layer.stats()["dropped.malformed"] == 1
+
+
+def several(sender: str, seq: int | None, data: str | bytes) -> str:
+    return encode_frame(sender, SyncMessage("", GROUPS, data), seq=seq)
+
+
+def test_a_message_to_several_groups_unpacks_to_what_was_packed() -> None:
+    """Text and binary messages, and the refusal of data that isn't groups + a message."""
+    for payload in (serialize.dumps({"type": "t"}), serialize.dumps({"type": "t", "b": b"\n"})):
+        assert unpack_groups(pack_groups(["a", "b.c"], payload)) == (["a", "b.c"], payload)
+    for bad in ("", "[1]\n{}", '{"a": 1}\n{}', '["a"]', b"not json\n", '["a"\n]'):
+        with pytest.raises(ValueError, match="not a list of groups"):
+            unpack_groups(bad)
+
+
+async def test_malformed_messages_to_several_groups_are_dropped_and_reported_once(
+    make_layer: Any, redis_url: str, errors: ErrorLog
+) -> None:
+    """Un-numbered (not from a layer), group names that are not valid, a list that is
+    not one: each dropped and counted, reported in one report, and what follows arrives."""
+    layer, channel = await subscribed_member(make_layer, redis_url, errors)
+    message = serialize.dumps({"type": "bad"})
+    bad = [
+        several("rogue1234567", None, pack_groups(["room"], message)),
+        several("rogue1234567", 1, pack_groups(["room", "no spaces"], message)),
+        several("rogue1234567", 2, "[] but not json\n{}"),
+        several("rogue1234567", 3, pack_groups([], message)),
+    ]
+    good = several("rogue1234567", 4, pack_groups(["room"], serialize.dumps({"type": "good"})))
+    await rogue_publish(redis_url, layer.config.channel, *bad, good)
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["type"] == "good"
+    assert layer.stats()["dropped.malformed"] == 4
+    await eventually_async(lambda: errors.of(MalformedMessage, "delivery"), what="a report")
+    assert len(errors.of(MalformedMessage, "delivery")) == 1

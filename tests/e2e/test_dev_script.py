@@ -166,6 +166,12 @@ async def test_demo_is_a_cluster_and_stops_on_ctrl_c(venv: Path, processes: Proc
                 lambda m: m.get("type") == "message" and m.get("kind") == "job", timeout=10
             )
             assert message["text"] == "2 words, reversed: b a"
+        # The cluster's metrics, from the URL the demo prints: both servers and the worker.
+        cluster = re.search(r"(http://127\.0\.0\.1:\d+/metrics\?scope=cluster)", output)
+        assert cluster is not None, output
+        scraped = (await http_get(cluster[1])).body
+        answered = set(re.findall(r'crossws_channels_connected\{[^}]*pid="(\d+)"', scraped))
+        assert {str(pid) for pid in pids} <= answered and len(answered) >= 3, scraped
     finally:
         for client in clients:
             await client.close()
