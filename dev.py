@@ -354,7 +354,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 end=" ",
             )
         print(
-            f"\nPrometheus metrics: http://{HOST}:{ports[0]}/metrics (this process), "
+            f"\nBackplane status page: http://{HOST}:{ports[0]}/backplane/ ; Prometheus "
+            f"metrics: http://{HOST}:{ports[0]}/metrics (this process), "
             f"http://{HOST}:{ports[0]}/metrics?scope=cluster (every process).",
             end=" ",
         )

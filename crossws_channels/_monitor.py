@@ -121,6 +121,8 @@ class Heartbeat:
         self._excused = excused
         self._counter = itertools.count(1)
         self._waiting: tuple[str, asyncio.Future[None]] | None = None
+        # Seconds the last heartbeat that came back took (stats()["heartbeat_rtt_seconds"]).
+        self.last_rtt: float | None = None
 
     def heard(self, token: str) -> None:
         """Our own heartbeat came back through the backplane."""
@@ -149,7 +151,8 @@ class Heartbeat:
                         f"did not come back within {self.timeout:g}s; subscribing again"
                     ) from None
             else:
-                logger.debug("heartbeat came back in %.1f ms", (time.monotonic() - started) * 1e3)
+                self.last_rtt = time.monotonic() - started
+                logger.debug("heartbeat came back in %.1f ms", self.last_rtt * 1e3)
             finally:
                 self._waiting = None
 
@@ -235,6 +238,8 @@ class Census:
         self._connected = connected
         self._sizes = sizes  # more sizes to show (the routes' topics)
         self._histograms = histograms
+        # More to show, set by the layer: the heartbeat's last round trip, recent reports.
+        self.extra: Callable[[], dict[str, Any]] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -245,6 +250,7 @@ class Census:
             **self._registry.sizes(),
             **(self._sizes() if self._sizes is not None else {}),
             **({"histograms": self._histograms.snapshot()} if self._histograms is not None else {}),
+            **(self.extra() if self.extra is not None else {}),
         }
 
 

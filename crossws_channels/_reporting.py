@@ -19,7 +19,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
@@ -38,6 +38,9 @@ REPORT_INTERVAL = 1.0
 MAX_TALLIES = 256
 # Names (channels, senders, descriptions) a report lists; the count covers all of them.
 MAX_NAMES = 8
+# Reports kept for the status page, and how much of each one's text.
+RECENT_REPORTS = 20
+REPORT_TEXT = 300
 
 MakeReport: TypeAlias = Callable[["str | None", int, "dict[str, int]"], Exception]
 """Builds the error of one report: ``make(subject, count, names)``, where ``names`` maps
@@ -119,6 +122,8 @@ class Reporter:
         self._lock = threading.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
         self._tallies: dict[tuple[str, str | None], _Tally] = {}
+        # The last reports made, for the status page (stats()["recent_reports"]).
+        self._recent: deque[tuple[float, str, str, str]] = deque(maxlen=RECENT_REPORTS)
 
     def report(self, error: Exception, stage: Stage) -> None:
         """Hand ``error`` to the hook, or log it. Never raises."""
@@ -126,6 +131,8 @@ class Reporter:
         self._hand_over(error, stage)
 
     def _hand_over(self, error: Exception, stage: Stage) -> None:
+        with self._lock:
+            self._recent.append((time.time(), stage, type(error).__name__, str(error)))
         if self._hook is None:
             logger.warning("backplane %s failed: %s", stage, error, exc_info=error)
             return
@@ -168,6 +175,15 @@ class Reporter:
                 return
             error = entry.take(now)
         self._hand_over(error, stage)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The last reports made, oldest first, each message cut to a few hundred characters."""
+        with self._lock:
+            recent = list(self._recent)
+        return [
+            {"time": when, "stage": stage, "error": kind, "message": text[:REPORT_TEXT]}
+            for when, stage, kind, text in recent
+        ]
 
     def flush_due(self, everything: bool = False) -> None:
         """Make the reports whose interval has passed (all pending ones, at close)."""

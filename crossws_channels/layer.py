@@ -175,6 +175,14 @@ class BackplaneChannelLayer(BaseChannelLayer):
         )
         self._census = census
         heartbeat = self._make_heartbeat(driver, health, flow)
+
+        def extra() -> dict[str, Any]:
+            shown: dict[str, Any] = {"recent_reports": reporter.recent()}
+            if heartbeat is not None and heartbeat.last_rtt is not None:
+                shown["heartbeat_rtt_seconds"] = heartbeat.last_rtt
+            return shown
+
+        census.extra = extra
         self._inbound = inbound = Inbound(
             frames,
             registry,

@@ -67,6 +67,7 @@ HELP = {
     "memberships": "Group memberships on this instance.",
     "topics": 'Topics listened to ("routing": "groups").',
     "lingering": "Topics no longer needed, still listened to for a few seconds.",
+    "heartbeat_rtt_seconds": "Seconds the last heartbeat took to come back.",
     "relay_lag_seconds": "Seconds from a send in one process to its arrival in another.",
     "group_fanout": "Members a group message reached on an instance where it reached any.",
 }
@@ -101,6 +102,9 @@ def families(instances: Iterable[tuple[Labels, Mapping[str, Any]]]) -> list[Any]
         connected = stats.get("connected")
         if isinstance(connected, bool):
             family("connected", GaugeMetricFamily, names).add_metric(values, float(connected))
+        rtt = stats.get("heartbeat_rtt_seconds")
+        if isinstance(rtt, float):
+            family("heartbeat_rtt_seconds", GaugeMetricFamily, names).add_metric(values, rtt)
         for name, value in stats.items():
             if type(value) is not int:
                 continue

@@ -49,6 +49,9 @@ DATABASES: dict[str, Any] = {}
 
 CHANNEL_LAYERS = channel_layers_from_env(os.environ)
 
+# The backplane status page (/backplane/): see testproject.chat.views.status_access.
+CROSSWS_CHANNELS_STATUS_ACCESS = "testproject.chat.views.status_access"
+
 USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-us"

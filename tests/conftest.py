@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -50,13 +50,17 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
-def _need(url: str, default_port: int, what: str) -> str:
-    if _reachable(url, default_port):
-        return url
-    message = f"{what} is not reachable at {url}"
+def unavailable(message: str) -> NoReturn:
+    """Skip for a missing service, or fail with ``CROSSWS_REQUIRE_SERVICES=1``."""
     if REQUIRE_SERVICES:
         pytest.fail(f"{message} and CROSSWS_REQUIRE_SERVICES=1", pytrace=False)
     pytest.skip(message)
+
+
+def _need(url: str, default_port: int, what: str) -> str:
+    if _reachable(url, default_port):
+        return url
+    unavailable(f"{what} is not reachable at {url}")
 
 
 @pytest.fixture(scope="session")

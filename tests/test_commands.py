@@ -1,4 +1,5 @@
-"""The operator commands: backplane_check, backplane_stats and backplane_group."""
+"""The operator commands (backplane_check, backplane_stats, backplane_group) and the
+status page's access rule."""
 
 from __future__ import annotations
 
@@ -117,3 +118,29 @@ def test_group_prints_the_members_of_every_live_instance(cluster: tuple[str, Any
             run("backplane_group", "not a name", "--timeout", "0.1")
     finally:
         server.close()
+
+
+def test_the_status_page_is_for_staff_by_default() -> None:
+    """Without the setting, only an active staff user gets the page and its data."""
+    from types import SimpleNamespace
+
+    from django.conf import settings
+    from django.test import RequestFactory
+
+    from crossws_channels import status
+
+    with override_settings():
+        del settings.CROSSWS_CHANNELS_STATUS_ACCESS  # testproject's own rule
+        request = RequestFactory().get("/backplane/")
+        assert not status.allowed(request)  # no user at all
+        for active, staff, expected in [
+            (True, True, True),
+            (True, False, False),
+            (False, True, False),
+        ]:
+            request.user = SimpleNamespace(is_active=active, is_staff=staff)  # type: ignore[assignment]
+            assert status.allowed(request) is expected
+        response = status.status_page(RequestFactory().get("/backplane/"))
+        assert response.status_code == 403 and b"CROSSWS_CHANNELS_STATUS_ACCESS" in response.content
+    with override_settings(CROSSWS_CHANNELS_STATUS_ACCESS=lambda request: True):
+        assert status.allowed(RequestFactory().get("/"))

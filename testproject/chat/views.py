@@ -16,9 +16,20 @@ from django.views.decorators.http import require_GET, require_POST
 from testproject.chat.rooms import MAX_TEXT, ProcessInfo, clean_text, process_info, room_group
 from testproject.chat.workers import JOBS_CHANNEL
 
-__all__ = ["announce", "index", "job", "room"]
+__all__ = ["announce", "index", "job", "room", "status_access"]
 
 SUGGESTED_ROOMS = ["lobby", "random", "support"]
+
+
+def status_access(request: HttpRequest) -> bool:
+    """Who may see the backplane status page here: anyone on this machine, in DEBUG.
+
+    testproject has no users (no database); a real project keeps the default rule,
+    staff users only.
+    """
+    from django.conf import settings
+
+    return bool(settings.DEBUG) and request.META.get("REMOTE_ADDR") in {"127.0.0.1", "::1"}
 
 
 def _server(request: HttpRequest) -> ProcessInfo:

@@ -1,11 +1,17 @@
-"""Fixtures of the end-to-end tests: a process launcher that always cleans up."""
+"""Fixtures of the end-to-end tests: a process launcher that always cleans up, and a
+browser."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.e2e.harness import Processes
 
 
@@ -22,3 +28,21 @@ def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
             launched.stop_all()
             if launched.started:
                 print(launched.report())
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt if it is missing (browser tests only)."""
+    if not CHROMIUM.exists() and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode:
+            # A machine whose package lists are stale: refresh them once and try again.
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            subprocess.run(install, env=env, capture_output=True, timeout=900)
+    if not CHROMIUM.exists():
+        unavailable(f"{CHROMIUM} is not installed and apt-get could not install it")
+    return str(CHROMIUM)

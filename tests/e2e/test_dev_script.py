@@ -166,6 +166,8 @@ async def test_demo_is_a_cluster_and_stops_on_ctrl_c(venv: Path, processes: Proc
                 lambda m: m.get("type") == "message" and m.get("kind") == "job", timeout=10
             )
             assert message["text"] == "2 words, reversed: b a"
+        status = re.search(r"(http://127\.0\.0\.1:\d+/backplane/)", output)
+        assert status is not None and (await http_get(status[1])).status == 200, output
         # The cluster's metrics, from the URL the demo prints: both servers and the worker.
         cluster = re.search(r"(http://127\.0\.0\.1:\d+/metrics\?scope=cluster)", output)
         assert cluster is not None, output
