@@ -55,6 +55,7 @@ from ._monitor import (
     Pong,
     SequenceGaps,
     group_answer,
+    identity,
 )
 from ._outbox import Outbox
 from ._registry import Payload, Registry
@@ -516,6 +517,16 @@ class BackplaneChannelLayer(BaseChannelLayer):
         This instance's own answer proves the backplane carries its messages both ways.
         """
         return await self._ask_cluster(timeout, {"stats": stats})
+
+    async def cluster_stats(self, timeout: float = 1.0) -> list[Pong]:
+        """Every live instance's ``stats()`` (``Pong.info["stats"]``), as :meth:`ping`
+        with ``stats=True``, this instance's own included even on a backplane that
+        doesn't bring its own answer back (multiprocessing)."""
+        pongs = await self.ping(timeout, stats=True)
+        if all(pong.instance_id != self.instance_id for pong in pongs):
+            info = {**identity(), "driver": self.config.driver_name, "stats": self.stats()}
+            pongs.append(Pong(self.instance_id, 0.0, info))
+        return pongs
 
     async def group_size(self, group: str, timeout: float = 1.0) -> GroupSnapshot:
         """How many members ``group`` has in the whole cluster, as the instances that

@@ -163,7 +163,7 @@ def register(registry: CollectorRegistry = REGISTRY) -> LayerCollector | None:
 async def cluster_metrics(layer: BackplaneChannelLayer, timeout: float = 1.0) -> bytes:
     """The metrics of every instance of ``layer``'s cluster that answers within
     ``timeout`` seconds, in Prometheus' text format."""
-    pongs = await layer.ping(timeout, stats=True)
+    pongs = await layer.cluster_stats(timeout)
     instances: list[tuple[Labels, Mapping[str, Any]]] = []
     for pong in pongs:
         stats = pong.info.get("stats")

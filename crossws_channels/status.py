@@ -3,7 +3,8 @@
 Mount it with ``path("backplane/", include("crossws_channels.urls"))``. The page (one
 HTML file of this package, with its script and styles inline: no build step, nothing
 fetched from elsewhere) asks :func:`status_data` every two seconds; that view pings every
-live instance over the backplane for its ``stats()``, as ``backplane_stats`` does. Who
+live instance over the backplane for its ``stats()``, as ``backplane_stats`` does
+(:meth:`~crossws_channels.layer.BackplaneChannelLayer.cluster_stats`). Who
 may see it is decided by :func:`allowed`: staff users by default.
 """
 
@@ -84,7 +85,7 @@ def status_data(request: HttpRequest) -> HttpResponse:
         layer = None
     if not isinstance(layer, BackplaneChannelLayer):
         return HttpResponseBadRequest(f"no crossws_channels layer {alias!r}")
-    pongs = async_to_sync(layer.ping)(ANSWER_TIMEOUT, stats=True)
+    pongs = async_to_sync(layer.cluster_stats)(ANSWER_TIMEOUT)
     instances: list[dict[str, Any]] = [
         {
             "instance_id": pong.instance_id,

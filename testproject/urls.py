@@ -15,6 +15,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     re_path(rf"^chat/(?P<room>{ROOM})/$", views.room, name="room"),
     re_path(rf"^chat/(?P<room>{ROOM})/announce/$", views.announce, name="announce"),
     re_path(rf"^chat/(?P<room>{ROOM})/job/$", views.job, name="job"),
+    re_path(rf"^chat/(?P<room>{ROOM})/who/$", views.who, name="who"),
     path("metrics", metrics_view, name="metrics"),
     path("backplane/", include("crossws_channels.urls")),
 ]

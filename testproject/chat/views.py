@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from testproject.chat.rooms import MAX_TEXT, ProcessInfo, clean_text, process_info, room_group
 from testproject.chat.workers import JOBS_CHANNEL
 
-__all__ = ["announce", "index", "job", "room", "status_access"]
+__all__ = ["announce", "index", "job", "room", "status_access", "who"]
 
 SUGGESTED_ROOMS = ["lobby", "random", "support"]
 
@@ -66,24 +66,41 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
 @csrf_exempt
 @require_POST
 def announce(request: HttpRequest, room: str) -> JsonResponse:
-    """POST ``text``: announce it to everybody in the room, through ``group_send``."""
+    """POST ``text``: announce it to everybody in the room, through ``group_send`` (with
+    ``everywhere``: in every suggested room too, through one ``group_send_many``)."""
     checked = _text_and_layer(request)
     if isinstance(checked, JsonResponse):
         return checked
     text, layer = checked
     sender = _server(request)
-    async_to_sync(layer.group_send)(
-        room_group(room),
-        {
-            "type": "chat.message",
-            "kind": "announce",
-            "room": room,
-            "author": "announcement",
-            "text": text,
-            "sender": sender,
-        },
-    )
+    message = {
+        "type": "chat.message",
+        "kind": "announce",
+        "room": room,
+        "author": "announcement",
+        "text": text,
+        "sender": sender,
+    }
+    if request.POST.get("everywhere") and hasattr(layer, "group_send_many"):
+        # One call, one envelope, every room: this room and the suggested ones.
+        rooms = list(dict.fromkeys([room, *SUGGESTED_ROOMS]))
+        async_to_sync(layer.group_send_many)([room_group(r) for r in rooms], message)
+        return JsonResponse({"ok": True, "rooms": rooms, "sender": sender})
+    async_to_sync(layer.group_send)(room_group(room), message)
     return JsonResponse({"ok": True, "room": room, "sender": sender})
+
+
+@require_GET
+def who(request: HttpRequest, room: str) -> JsonResponse:
+    """How many are in the room across the cluster, as the live processes count them."""
+    layer = get_channel_layer()
+    if layer is None or not hasattr(layer, "group_size"):
+        return JsonResponse({"error": "the channel layer can't count a group"}, status=501)
+    snapshot = async_to_sync(layer.group_size)(room_group(room), timeout=0.3)
+    # The processes that answered, but this view's own (it holds no chat members
+    # unless it is also a server of the room's clients).
+    processes = sum(1 for count in snapshot.instances.values() if count)
+    return JsonResponse({"room": room, "size": snapshot.size, "processes": processes})
 
 
 @csrf_exempt

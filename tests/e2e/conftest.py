@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import unavailable
 from tests.e2e.harness import Processes
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 
 @pytest.fixture
@@ -46,3 +50,19 @@ def chromium() -> str:
     if not CHROMIUM.exists():
         unavailable(f"{CHROMIUM} is not installed and apt-get could not install it")
     return str(CHROMIUM)
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """Chromium, headless, driven by Playwright (never a downloaded browser)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--no-proxy-server", "--disable-gpu"],
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -12,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser
 
 import dev
 from tests.e2e.harness import ROOT, Processes, WSClient, http_get, http_post, project_env
+from tests.e2e.test_status_page import BROWSER_TIMEOUT, check_status_page
 from tests.servers import free_port
 
 
@@ -131,10 +134,15 @@ def test_test_command_passes_every_argument_to_pytest(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.slow
+@BROWSER_TIMEOUT
 @pytest.mark.skipif(os.name != "posix", reason="the fake venv python is a shell script")
-async def test_demo_is_a_cluster_and_stops_on_ctrl_c(venv: Path, processes: Processes) -> None:
+async def test_demo_is_a_cluster_and_stops_on_ctrl_c(
+    venv: Path, processes: Processes, browser: Browser, tmp_path: Path
+) -> None:
     """`dev.py demo` runs a relay, two daphne processes and a runworker: tabs served by
-    different processes chat with each other, jobs are done, and Ctrl-C stops it all."""
+    different processes chat with each other, jobs are done, the room counts its members
+    across the processes, an announcement reaches every room at once, the status page
+    shows every process and its charts move, and Ctrl-C stops it all."""
     (venv / ".crossws-demo.stamp").write_text(pyproject_digest() + "\n")
     port = free_port()
     env = project_env(extra={"CROSSWS_VENV": str(venv)})
@@ -166,8 +174,31 @@ async def test_demo_is_a_cluster_and_stops_on_ctrl_c(venv: Path, processes: Proc
                 lambda m: m.get("type") == "message" and m.get("kind") == "job", timeout=10
             )
             assert message["text"] == "2 words, reversed: b a"
+        who = (await http_get(servers[0][0] + "chat/lobby/who/")).json()
+        assert (who["size"], who["processes"]) == (2, 2)
+        elsewhere = await WSClient.connect(servers[0][0].replace("http", "ws") + "ws/chat/random/")
+        await elsewhere.receive_type("welcome")
+        everywhere = {"text": "to all rooms", "everywhere": "1"}
+        assert (await http_post(servers[1][0] + "chat/lobby/announce/", everywhere)).status == 200
+        for client in (*clients, elsewhere):
+            message = await client.receive_until(
+                lambda m: m.get("kind") == "announce" and m.get("text") == "to all rooms"
+            )
+            assert message["sender"]["pid"] == pids[1]
+        await elsewhere.close()
+
         status = re.search(r"(http://127\.0\.0\.1:\d+/backplane/)", output)
-        assert status is not None and (await http_get(status[1])).status == 200, output
+        assert status is not None, output
+        worker_pid = int(re.search(r"runworker, pid (\d+)", output)[1])  # type: ignore[index]
+
+        async def chat() -> None:
+            for n in range(60):
+                await clients[1].send_json({"text": f"flowing {n}"})
+                await asyncio.sleep(0.05)
+
+        await check_status_page(
+            browser, status[1], {*pids, worker_pid}, pids[0], chat, tmp_path / "demo.png"
+        )
         # The cluster's metrics, from the URL the demo prints: both servers and the worker.
         cluster = re.search(r"(http://127\.0\.0\.1:\d+/metrics\?scope=cluster)", output)
         assert cluster is not None, output
