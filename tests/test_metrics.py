@@ -120,3 +120,21 @@ async def test_this_process_and_the_cluster_are_exported(make_layer: Any) -> Non
     }
     assert set(answered) == {a.instance_id, b.instance_id}
     assert all(labels["pid"] and labels["host"] for labels in answered.values())
+
+
+async def test_recent_reports_and_the_heartbeat_round_trip_are_in_stats(make_layer: Any) -> None:
+    """What the status page shows beyond the counters: the last reports, by stage, and
+    the last heartbeat's round trip."""
+    layer = make_layer(capacity=1, heartbeat=0.05)
+    member = await layer.new_channel()
+    await layer.group_add("room", member)
+    for n in range(3):  # nobody reads: the second and third are dropped and reported
+        await layer.group_send("room", {"type": "x", "n": n})
+    (report, *_) = layer.stats()["recent_reports"]
+    assert (report["stage"], report["error"]) == ("delivery", "MessagesDropped")
+    assert "room" in report["message"] and report["time"] > 0
+    for _ in range(100):
+        if "heartbeat_rtt_seconds" in layer.stats():
+            break
+        await asyncio.sleep(0.02)
+    assert 0 <= layer.stats()["heartbeat_rtt_seconds"] < 1
