@@ -474,18 +474,26 @@ class BackplaneChannelLayer(BaseChannelLayer):
         await self._backplane.ensure()
         self._delivery.to_groups(names, payload)
         routes, frames = self._routes, self._frames
+        # One group alone in its envelope travels as a group_send does: the list of
+        # groups would only cost both sides a JSON document (one topic per group with
+        # "routing": "groups" makes every envelope such a one).
         if routes is None:
             for chunk in _chunks(names):
-                await self._backplane.publish(
-                    None, frames.broadcast(GROUPS, pack_groups(chunk, payload))
-                )
+                if len(chunk) == 1:
+                    frame = frames.broadcast(chunk[0], payload)
+                else:
+                    frame = frames.broadcast(GROUPS, pack_groups(chunk, payload))
+                await self._backplane.publish(None, frame)
             return
         by_topic: dict[Topic, list[str]] = {}
         for group in names:
             by_topic.setdefault(routes.topic_of(group), []).append(group)
         for topic, members in by_topic.items():
             for chunk in _chunks(members):
-                frame = frames.routed(topic, GROUPS, pack_groups(chunk, payload))
+                if len(chunk) == 1:
+                    frame = frames.routed(topic, chunk[0], payload)
+                else:
+                    frame = frames.routed(topic, GROUPS, pack_groups(chunk, payload))
                 await self._backplane.publish(topic, frame)
 
     async def flush(self) -> None:
