@@ -117,10 +117,15 @@ def families(instances: Iterable[tuple[Labels, Mapping[str, Any]]]) -> list[Any]
                 metric.add_metric([*values, kind], value)
             else:
                 family(name, CounterMetricFamily, names).add_metric(values, value)
-        for name, histogram in (stats.get("histograms") or {}).items():
-            buckets = [(_bound(bound), count) for bound, count in histogram["buckets"]]
-            metric = family(name, HistogramMetricFamily, names)
-            metric.add_metric(values, buckets, histogram["sum"])
+        histograms = stats.get("histograms")
+        for name, histogram in (histograms if isinstance(histograms, dict) else {}).items():
+            try:
+                buckets = [(_bound(bound), int(count)) for bound, count in histogram["buckets"]]
+                total = float(histogram["sum"])
+            except (KeyError, TypeError, ValueError):
+                # Another instance's answer (cluster scope): its shape is not ours to trust.
+                continue
+            family(name, HistogramMetricFamily, names).add_metric(values, buckets, total)
     return list(found.values())
 
 

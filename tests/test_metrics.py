@@ -100,6 +100,10 @@ def test_counters_gauges_and_kinds_become_metric_families() -> None:
     assert (info["channel"], info["routing"]) == ("app", "broadcast")
     assert found["crossws_channels_group_fanout"].type == "histogram"
     assert not any("lost_by_sender" in name for name in found)
+    # A malformed answer from another instance loses its histograms, not the scrape.
+    odd = {**stats, "histograms": {"group_fanout": {"buckets": "no"}, "other": 3}}
+    assert any(f.name == "crossws_channels_published" for f in families([({"i": "c"}, odd)]))
+    assert families([({"i": "d"}, {**stats, "histograms": [1]})])
 
 
 async def test_this_process_and_the_cluster_are_exported(make_layer: Any) -> None:
