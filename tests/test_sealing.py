@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import random
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ import redis.asyncio as redis_py
 
 from crossws_channels import serialize
 from crossws_channels._frames import Frames
+from crossws_channels._reporting import REPORT_INTERVAL
 from crossws_channels._sealing import (
     NUMBER_WINDOW,
     Opened,
@@ -424,6 +426,7 @@ async def test_three_thousand_mangled_payloads_deliver_nothing_and_break_nothing
         "room", serialize.dumps({"type": "forged"})
     )
     payloads = mutations(genuine, 3000, seed=13)
+    started = time.monotonic()
     async with Tap(redis_url, sender.config.channel) as tap:
         await tap.publish(*payloads)
     await sender.group_send("room", {"type": "after"})
@@ -433,7 +436,11 @@ async def test_three_thousand_mangled_payloads_deliver_nothing_and_break_nothing
     refused = sum(v for k, v in stats.items() if k.startswith("dropped."))
     assert refused == 3000, stats
     receiver._reporter.flush_due(everything=True)
-    assert len(errors.calls) <= 6, errors.calls
+    # Aggregated: per kind of refusal (unauthenticated, malformed, replayed), one report
+    # at once, then at most one per REPORT_INTERVAL while they keep coming, and the last
+    # at the flush; never one per message, however slowly a loaded machine reads them.
+    elapsed = time.monotonic() - started
+    assert len(errors.calls) <= 3 * (2 + elapsed / REPORT_INTERVAL), (elapsed, errors.calls)
 
 
 # The parts, without a server
