@@ -56,33 +56,34 @@ class Delivery:
     def to_group(self, group: str, payload: Payload, flow: InboundFlow | None = None) -> None:
         """Deliver to the members of ``group`` here; with ``flow``, a relayed message that
         may hold up the backplane for full members that read (see ``_flow``)."""
-        registry = self._registry
-        item: Item = payload
-        if registry.member_count(group) > 1:
-            # Decode once for every local member; each receives its own copy of that.
-            try:
-                item = serialize.Template(serialize.loads(payload))
-            except Exception as exc:
-                self._reporter.drop_malformed(f"a message for group {group!r}: {exc}")
-                return
-        self._put(group, payload, item, flow, monotonic())
+        item = self._item(payload, self._registry.member_count(group), group)
+        if item is not None:
+            self._put(group, payload, item, flow, monotonic())
 
     def to_groups(
         self, groups: Sequence[str], payload: Payload, flow: InboundFlow | None = None
     ) -> None:
         """One message to the members of each of ``groups`` here, as :meth:`to_group`
         for each, decoded once for all of them."""
-        registry = self._registry
-        item: Item = payload
-        if sum(registry.member_count(group) for group in groups) > 1:
-            try:
-                item = serialize.Template(serialize.loads(payload))
-            except Exception as exc:
-                self._reporter.drop_malformed(f"a message for groups {list(groups)!r}: {exc}")
-                return
+        members = sum(self._registry.member_count(group) for group in groups)
+        item = self._item(payload, members, groups)
+        if item is None:
+            return
         now = monotonic()
         for group in groups:
             self._put(group, payload, item, flow, now)
+
+    def _item(self, payload: Payload, members: int, groups: str | Sequence[str]) -> Item | None:
+        """What to queue for ``members`` receivers: with several, the message decoded once
+        (each receives its own copy of that); None if it can't be (reported)."""
+        if members <= 1:
+            return payload
+        try:
+            return serialize.Template(serialize.loads(payload))
+        except Exception as exc:
+            what = f"group {groups!r}" if isinstance(groups, str) else f"groups {list(groups)!r}"
+            self._reporter.drop_malformed(f"a message for {what}: {exc}")
+            return None
 
     def _put(
         self, group: str, payload: Payload, item: Item, flow: InboundFlow | None, now: float

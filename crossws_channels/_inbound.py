@@ -439,16 +439,22 @@ class Inbound:
         try:
             request = json.loads(data)
             token = request["token"]
-            want_stats = bool(request.get("stats"))
-            group = request.get("group")
-            if group is not None:
-                _names.require_valid_group_name(group)
+            info = self.answer(request)
         except (ValueError, KeyError, TypeError):
             return
+        answer = json.dumps({"token": token, "info": info})
+        self._outbox.post(sender, self._frames.frame(PONG, answer))
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """This instance's answer to a ping's ``request`` (who it is; with ``stats``, its
+        stats(); with ``group``, its part of a group query). ``TypeError`` for a group
+        that is not a valid name."""
+        group = request.get("group")
+        if group is not None:
+            _names.require_valid_group_name(group)
         info: dict[str, Any] = {**identity(), "driver": self._driver_name}
-        if want_stats:
+        if request.get("stats"):
             info["stats"] = self._census.snapshot()
         if group is not None:
             info["group"] = group_answer(self._registry, group, bool(request.get("channels")))
-        answer = json.dumps({"token": token, "info": info})
-        self._outbox.post(sender, self._frames.frame(PONG, answer))
+        return info

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._histograms import Histograms
 from ._registry import Registry
 from ._reporting import Stats
 from .errors import DeafSubscription
@@ -228,18 +227,16 @@ class Census:
         registry: Registry,
         gaps: SequenceGaps,
         connected: Callable[[], bool],
-        sizes: Callable[[], dict[str, int]] | None = None,
-        histograms: Histograms | None = None,
+        more: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._header = header  # instance id, driver, channel, routing
         self._stats = stats
         self._registry = registry
         self.gaps = gaps
         self._connected = connected
-        self._sizes = sizes  # more sizes to show (the routes' topics)
-        self._histograms = histograms
-        # More to show, set by the layer: the heartbeat's last round trip, recent reports.
-        self.extra: Callable[[], dict[str, Any]] | None = None
+        # More to show: the routes' topics, the histograms, the heartbeat's last round
+        # trip, recent reports (the layer assembles it).
+        self._more = more
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -248,9 +245,7 @@ class Census:
             **self._stats.snapshot(),
             "lost_by_sender": dict(self.gaps.missing),
             **self._registry.sizes(),
-            **(self._sizes() if self._sizes is not None else {}),
-            **({"histograms": self._histograms.snapshot()} if self._histograms is not None else {}),
-            **(self.extra() if self.extra is not None else {}),
+            **(self._more() if self._more is not None else {}),
         }
 
 

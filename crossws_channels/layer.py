@@ -54,8 +54,6 @@ from ._monitor import (
     Heartbeat,
     Pong,
     SequenceGaps,
-    group_answer,
-    identity,
 )
 from ._outbox import Outbox
 from ._registry import Payload, Registry
@@ -160,6 +158,16 @@ class BackplaneChannelLayer(BaseChannelLayer):
             group_expiry=config.group_expiry,
             fanout=histograms.fanout,
         )
+        heartbeat = self._make_heartbeat(driver, health, flow)
+
+        def more() -> dict[str, Any]:
+            shown: dict[str, Any] = {} if routes is None else dict(routes.sizes())
+            shown["histograms"] = histograms.snapshot()
+            shown["recent_reports"] = reporter.recent()
+            if heartbeat is not None and heartbeat.last_rtt is not None:
+                shown["heartbeat_rtt_seconds"] = heartbeat.last_rtt
+            return shown
+
         census = Census(
             {
                 "instance_id": self.instance_id,
@@ -171,19 +179,9 @@ class BackplaneChannelLayer(BaseChannelLayer):
             registry,
             SequenceGaps(),
             connected=lambda: home.loop is not None and health.ok(),
-            sizes=None if routes is None else routes.sizes,
-            histograms=histograms,
+            more=more,
         )
         self._census = census
-        heartbeat = self._make_heartbeat(driver, health, flow)
-
-        def extra() -> dict[str, Any]:
-            shown: dict[str, Any] = {"recent_reports": reporter.recent()}
-            if heartbeat is not None and heartbeat.last_rtt is not None:
-                shown["heartbeat_rtt_seconds"] = heartbeat.last_rtt
-            return shown
-
-        census.extra = extra
         self._inbound = inbound = Inbound(
             frames,
             registry,
@@ -474,26 +472,24 @@ class BackplaneChannelLayer(BaseChannelLayer):
         await self._backplane.ensure()
         self._delivery.to_groups(names, payload)
         routes, frames = self._routes, self._frames
-        # One group alone in its envelope travels as a group_send does: the list of
-        # groups would only cost both sides a JSON document (one topic per group with
-        # "routing": "groups" makes every envelope such a one).
-        if routes is None:
-            for chunk in _chunks(names):
-                if len(chunk) == 1:
-                    frame = frames.broadcast(chunk[0], payload)
-                else:
-                    frame = frames.broadcast(GROUPS, pack_groups(chunk, payload))
-                await self._backplane.publish(None, frame)
-            return
-        by_topic: dict[Topic, list[str]] = {}
+        by_topic: dict[Topic | None, list[str]] = {}
         for group in names:
-            by_topic.setdefault(routes.topic_of(group), []).append(group)
+            topic = None if routes is None else routes.topic_of(group)
+            by_topic.setdefault(topic, []).append(group)
         for topic, members in by_topic.items():
             for chunk in _chunks(members):
-                if len(chunk) == 1:
-                    frame = frames.routed(topic, chunk[0], payload)
+                # One group alone in its envelope travels as a group_send does: the list
+                # of groups would only cost both sides a JSON document (one topic per
+                # group with "routing": "groups" makes every envelope such a one).
+                name, data = (
+                    (chunk[0], payload)
+                    if len(chunk) == 1
+                    else (GROUPS, pack_groups(chunk, payload))
+                )
+                if topic is None:
+                    frame = frames.broadcast(name, data)
                 else:
-                    frame = frames.routed(topic, GROUPS, pack_groups(chunk, payload))
+                    frame = frames.routed(topic, name, data)
                 await self._backplane.publish(topic, frame)
 
     async def flush(self) -> None:
@@ -530,11 +526,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         """Every live instance's ``stats()`` (``Pong.info["stats"]``), as :meth:`ping`
         with ``stats=True``, this instance's own included even on a backplane that
         doesn't bring its own answer back (multiprocessing)."""
-        pongs = await self.ping(timeout, stats=True)
-        if all(pong.instance_id != self.instance_id for pong in pongs):
-            info = {**identity(), "driver": self.config.driver_name, "stats": self.stats()}
-            pongs.append(Pong(self.instance_id, 0.0, info))
-        return pongs
+        return await self._ask_cluster(timeout, {"stats": True}, answer_here=True)
 
     async def group_size(self, group: str, timeout: float = 1.0) -> GroupSnapshot:
         """How many members ``group`` has in the whole cluster, as the instances that
@@ -549,24 +541,28 @@ class BackplaneChannelLayer(BaseChannelLayer):
 
     async def _group_query(self, group: str, timeout: float, listed: bool) -> GroupSnapshot:
         self.require_valid_group_name(group)
-        pongs = await self._ask_cluster(timeout, {"group": group, "channels": listed})
-        if all(pong.instance_id != self.instance_id for pong in pongs):
-            # A backplane that doesn't echo (multiprocessing) never brings our own answer.
-            answer = group_answer(self._registry, group, listed)
-            pongs.append(Pong(self.instance_id, 0.0, {"group": answer}))
+        request = {"group": group, "channels": listed}
+        pongs = await self._ask_cluster(timeout, request, answer_here=True)
         return GroupSnapshot.of(group, pongs, listed)
 
-    async def _ask_cluster(self, timeout: float, request: dict[str, Any]) -> list[Pong]:
-        """Broadcast a ping carrying ``request``; the answers within ``timeout``."""
+    async def _ask_cluster(
+        self, timeout: float, request: dict[str, Any], answer_here: bool = False
+    ) -> list[Pong]:
+        """Broadcast a ping carrying ``request``; the answers within ``timeout``. With
+        ``answer_here``, this instance's own answer is made here if the backplane did not
+        bring it back (multiprocessing doesn't echo); ``ping()`` leaves it out, since its
+        coming back is what proves the backplane works."""
         await self._backplane.subscribed()
-        pinger = self._inbound.pinger
-        token = pinger.start()
+        inbound = self._inbound
+        token = inbound.pinger.start()
         try:
             text = json.dumps({"token": token, **request})
             await self._backplane.publish(None, self._frames.broadcast(PING, text))
             await asyncio.sleep(timeout)
         finally:
-            pongs = pinger.finish(token)
+            pongs = inbound.pinger.finish(token)
+        if answer_here and all(pong.instance_id != self.instance_id for pong in pongs):
+            pongs.append(Pong(self.instance_id, 0.0, inbound.answer(request)))
         return pongs
 
 
@@ -581,6 +577,15 @@ _layers: weakref.WeakSet[BackplaneChannelLayer] = weakref.WeakSet()
 def live_layers() -> list[BackplaneChannelLayer]:
     """Every layer of this process that has not been garbage-collected."""
     return list(_layers)
+
+
+def layer_named(alias: str) -> BackplaneChannelLayer | None:
+    """The ``CHANNEL_LAYERS`` entry ``alias``, if it is one of these layers (the views'
+    ``?layer=``); ``None`` if there is no such entry or it is another kind of layer."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer(alias)
+    return layer if isinstance(layer, BackplaneChannelLayer) else None
 
 
 def _after_fork_in_child() -> None:

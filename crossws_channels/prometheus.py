@@ -30,7 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .layer import BackplaneChannelLayer, live_layers
+from .layer import BackplaneChannelLayer, layer_named, live_layers
 
 __all__ = ["LayerCollector", "cluster_metrics", "families", "metrics_view", "register"]
 
@@ -199,7 +199,6 @@ def metrics_view(request: Any) -> Any:
     """A Django view: this process's metrics, or with ``?scope=cluster`` the cluster's
     (``&layer=ALIAS``, default ``default``; ``&timeout=SECONDS``, default 1)."""
     from asgiref.sync import async_to_sync
-    from channels.layers import get_channel_layer
     from django.http import HttpResponse, HttpResponseBadRequest
 
     if request.GET.get("scope") == "cluster":
@@ -208,8 +207,8 @@ def metrics_view(request: Any) -> Any:
             timeout = min(10.0, max(0.1, float(request.GET.get("timeout", "1"))))
         except ValueError:
             return HttpResponseBadRequest("timeout: a number of seconds")
-        layer = get_channel_layer(alias)
-        if not isinstance(layer, BackplaneChannelLayer):
+        layer = layer_named(alias)
+        if layer is None:
             return HttpResponseBadRequest(f"no crossws_channels layer {alias!r}")
         body = async_to_sync(cluster_metrics)(layer, timeout)
     else:

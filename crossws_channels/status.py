@@ -18,14 +18,13 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels import DEFAULT_CHANNEL_LAYER
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.urls import reverse
 from django.utils.module_loading import import_string
 from django.views.decorators.cache import never_cache
 
-from .layer import BackplaneChannelLayer
+from .layer import layer_named
 
 __all__ = ["allowed", "status_data", "status_page"]
 
@@ -79,11 +78,8 @@ def status_data(request: HttpRequest) -> HttpResponse:
     if not allowed(request):
         return _forbidden()
     alias = request.GET.get("layer", DEFAULT_CHANNEL_LAYER)
-    try:
-        layer = get_channel_layer(alias)
-    except Exception:
-        layer = None
-    if not isinstance(layer, BackplaneChannelLayer):
+    layer = layer_named(alias)
+    if layer is None:
         return HttpResponseBadRequest(f"no crossws_channels layer {alias!r}")
     pongs = async_to_sync(layer.cluster_stats)(ANSWER_TIMEOUT)
     instances: list[dict[str, Any]] = [

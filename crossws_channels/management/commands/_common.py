@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from argparse import ArgumentParser
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from asgiref.sync import async_to_sync
 from channels import DEFAULT_CHANNEL_LAYER
@@ -12,6 +13,8 @@ from django.core.management.base import CommandError
 
 from crossws_channels._monitor import Pong
 from crossws_channels.layer import BackplaneChannelLayer
+
+T = TypeVar("T")
 
 
 def add_arguments(parser: ArgumentParser) -> None:
@@ -41,15 +44,22 @@ def layer_for(alias: str) -> BackplaneChannelLayer:
     return layer
 
 
-def ask_cluster(layer: BackplaneChannelLayer, timeout: float, stats: bool) -> list[Pong]:
-    async def ask() -> list[Pong]:
+def then_close(layer: BackplaneChannelLayer, ask: Callable[[], Awaitable[T]]) -> T:
+    """``ask()`` from this command's sync code, then close the layer: a command's
+    instance lives only for its question."""
+
+    async def run() -> T:
         try:
-            return await layer.ping(timeout, stats=stats)
+            return await ask()
         finally:
             await layer.close()
 
-    result: list[Pong] = async_to_sync(ask)()
+    result: T = async_to_sync(run)()
     return result
+
+
+def ask_cluster(layer: BackplaneChannelLayer, timeout: float, stats: bool) -> list[Pong]:
+    return then_close(layer, lambda: layer.ping(timeout, stats=stats))
 
 
 def describe(layer: BackplaneChannelLayer) -> str:

@@ -12,26 +12,11 @@ import json
 from argparse import ArgumentParser
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from crossws_channels._monitor import GroupSnapshot
-from crossws_channels.layer import BackplaneChannelLayer
 
-from ._common import add_arguments, describe, layer_for
-
-
-def _query(layer: BackplaneChannelLayer, group: str, timeout: float, listed: bool) -> GroupSnapshot:
-    async def ask() -> GroupSnapshot:
-        try:
-            if listed:
-                return await layer.group_channels(group, timeout=timeout)
-            return await layer.group_size(group, timeout=timeout)
-        finally:
-            await layer.close()
-
-    result: GroupSnapshot = async_to_sync(ask)()
-    return result
+from ._common import add_arguments, describe, layer_for, then_close
 
 
 class Command(BaseCommand):
@@ -52,7 +37,8 @@ class Command(BaseCommand):
             layer.require_valid_group_name(group)
         except TypeError as exc:
             raise CommandError(str(exc)) from None
-        snapshot = _query(layer, group, timeout, listed)
+        ask = layer.group_channels if listed else layer.group_size
+        snapshot: GroupSnapshot = then_close(layer, lambda: ask(group, timeout=timeout))
         # This command's own instance holds no members: only the others are shown.
         instances = {k: v for k, v in snapshot.instances.items() if k != layer.instance_id}
         if options["json"]:
