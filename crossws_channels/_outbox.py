@@ -70,6 +70,8 @@ class Outbox:
         self._idle = False
         self._wake: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
+        # The flusher's driver, when its publishing only buffers (DeclaresBuffering).
+        self._buffering: Driver | SubscribingDriver | None = None
 
     # Producers
 
@@ -83,6 +85,12 @@ class Outbox:
         if home is None:
             return
         if asyncio.get_running_loop() is home:
+            buffering = self._buffering
+            if buffering is not None and self._idle and not self._queue and not self._outage.active:
+                # Nothing waits to be relayed and publishing can't block: publish now
+                # rather than wake the flusher for one message (a turn of the loop).
+                await self._send(buffering, [_Outgoing(target, text)])
+                return
             self._queue.append(_Outgoing(target, text))
             self._wake_up()
             if len(self._queue) >= HIGH_WATER:
@@ -153,8 +161,17 @@ class Outbox:
     async def run(self, driver: Driver | SubscribingDriver) -> None:
         """Send what is queued, batch after batch, until :meth:`finish` and empty."""
         loop = asyncio.get_running_loop()
-        queue = self._queue
         self._closing = False
+        self._buffering = driver if capabilities(driver).buffers else None
+        try:
+            await self._flush_until_finished(loop, driver)
+        finally:
+            self._buffering = None
+
+    async def _flush_until_finished(
+        self, loop: asyncio.AbstractEventLoop, driver: Driver | SubscribingDriver
+    ) -> None:
+        queue = self._queue
         while True:
             if not queue:
                 self._signal_room()

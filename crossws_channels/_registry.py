@@ -345,7 +345,7 @@ class Registry:
             box = self._mailboxes.get(channel)
             return box is not None and bool(box.waiters)
 
-    def put_if_wanted(self, channel: str, payload: Payload) -> bool:
+    def put_if_wanted(self, channel: str, payload: Item) -> bool:
         """Hand a message fetched from the shared queue to a waiting receiver, if any."""
         current = asyncio.events._get_running_loop()
         with self.lock:

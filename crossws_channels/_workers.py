@@ -34,7 +34,7 @@ from ._supervisor import Backoff
 from .drivers.base import Driver, SubscribingDriver, SupportsWorkerQueue
 from .envelope import SyncMessage, decode_envelope
 from .errors import MessageExpired
-from .serialize import relayed_payload
+from .serialize import relayed_template
 
 logger = logging.getLogger("crossws_channels")
 
@@ -205,6 +205,11 @@ class WorkerChannels:
         wanted.clear()
         if self._registry.has_waiters(channel):
             return True
+        # The receiver just handed a message usually asks again within this turn of
+        # the loop: look once more before paying for a timed wait.
+        await asyncio.sleep(0)
+        if self._registry.has_waiters(channel):
+            return True
         try:
             await asyncio.wait_for(wanted.wait(), FETCHER_LINGER)
         except asyncio.TimeoutError:
@@ -270,7 +275,7 @@ class WorkerChannels:
             if data is not msg.data:
                 msg = SyncMessage(msg.namespace, msg.topic, data)
         try:
-            payload = relayed_payload(msg)
+            payload = relayed_template(msg)
         except ValueError as exc:
             self._reporter.drop_malformed(f"an item of {channel!r}: {exc}")
             return True

@@ -118,3 +118,19 @@ def test_payload_size_counts_utf8_bytes() -> None:
     """Sizes are wire bytes, not characters."""
     assert serialize.payload_size("é" * 10) == 20
     assert serialize.payload_size(b"abc") == 3
+
+
+def test_a_relayed_item_is_decoded_once_and_still_checked() -> None:
+    """relayed_template hands over a Channels message already decoded, and what
+    relayed_payload would for anything else (a crossws peer's text, binary data)."""
+    text = serialize.dumps({"type": "job", "n": [1, 2]})
+    item = serialize.relayed_template(SyncMessage("", "jobs", text))
+    assert isinstance(item, serialize.Template)
+    first, second = item.copy(), item.copy()
+    first["n"].append(3)
+    assert second == {"type": "job", "n": [1, 2]}
+    for data in ("plain text", '{"no": "type"}', '{"type": 1}', "[1]"):
+        message = SyncMessage("ns", "jobs", data)
+        assert serialize.relayed_template(message) == serialize.relayed_payload(message)
+    binary = serialize.dumps({"type": "job", "blob": b"\x00"})
+    assert serialize.relayed_template(SyncMessage("", "jobs", binary)) == binary

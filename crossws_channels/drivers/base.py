@@ -24,6 +24,7 @@ from ..errors import Stage
 
 __all__ = [
     "Capabilities",
+    "DeclaresBuffering",
     "DeclaresEcho",
     "DeclaresLimits",
     "DeclaresOptions",
@@ -171,6 +172,17 @@ class DeclaresEcho(Protocol):
 
 
 @runtime_checkable
+class DeclaresBuffering(Protocol):
+    """A driver that says whether its publishing methods only buffer what they send (in
+    a client library's write buffer, which the library writes out soon after) and never
+    wait for the server. With ``buffers = True`` the layer publishes a message from the
+    sending task itself when nothing else is waiting to be relayed, instead of handing it
+    to its relaying task: one turn of the event loop less on every hop."""
+
+    buffers: bool
+
+
+@runtime_checkable
 class SupportsDirect(Protocol):
     """Send to one instance only (a ``send`` to a channel another instance owns).
 
@@ -257,6 +269,7 @@ class Capabilities:
     worker_queue: bool
     flush: bool
     topics: bool = False
+    buffers: bool = False
 
 
 _known: dict[type, Capabilities] = {}
@@ -276,5 +289,6 @@ def capabilities(driver: object) -> Capabilities:
             worker_queue=isinstance(driver, SupportsWorkerQueue),
             flush=isinstance(driver, SupportsFlush),
             topics=isinstance(driver, SupportsTopics),
+            buffers=isinstance(driver, DeclaresBuffering) and driver.buffers is True,
         )
     return found

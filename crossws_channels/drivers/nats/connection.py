@@ -53,6 +53,9 @@ class Connection:
     async def get(self) -> Any:
         """The client, connecting it first if need be."""
         loop = asyncio.get_running_loop()
+        client = self._client
+        if loop is self._loop and client is not None and not (self._owned and client.is_closed):
+            return client  # the common case: no lock to take
         if self._loop is not loop:
             if self._loop is not None and self._owned and self._client is not None:
                 # Made on a loop that is gone: it can only be abandoned.

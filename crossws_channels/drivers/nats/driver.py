@@ -48,6 +48,8 @@ class NatsDriver:
     """
 
     OPTIONS: frozenset[str] = DRIVER_KEYS
+    # nats-py's publish appends to its write buffer, which its flusher task writes out.
+    buffers = True
 
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         try:
@@ -168,6 +170,7 @@ class NatsDriver:
         client = await connection.wait_connected(CONNECT_TIMEOUT)
 
         assembler = Assembler()
+        self._queues.report = lambda error: deliver.report(error, "publish")
 
         async def on_message(message: Any) -> None:
             data = message.data

@@ -8,30 +8,37 @@ The stream is made on the first push with ``max_msgs`` = the channel's capacity 
 ``ChannelFull``), and ``max_age`` = the layer's ``expiry``, so what nobody reads goes
 away by itself; a message is stored, so one sent before any receiver exists waits.
 
-A popped message is acknowledged, and the acknowledgement confirmed by the server, before
-it is handed to the layer: a message whose acknowledgement did not go through is
-redelivered to another receiver later instead of being received twice.
+Pushing (:mod:`.pushing`) and pulling (:mod:`.pulling`) avoid a round trip per message
+where they can; every answer comes back on one private inbox (:mod:`.inbox`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .connection import Connection
+from .inbox import Inbox
 from .options import NatsNames
+from .pulling import Pulls
+from .pushing import Pushes, StreamGone
 
 __all__ = ["WorkerStreams"]
 
+logger = logging.getLogger("crossws_channels.drivers.nats")
+
 CONSUMER = "workers"
-# JetStream's error code for a stream already made with another configuration, and for
-# "maximum messages exceeded" on a stream that discards new messages.
+# Receivers acknowledge or hand back (-NAK) what they pulled within a fraction of a
+# second; only a message pulled by a process that died waits this long to be redelivered.
+ACK_WAIT = 10.0
+# JetStream's error code for a stream already made with another configuration.
 STREAM_NAME_IN_USE = 10058
-MAX_MESSAGES = 10077
-ACK_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 2.0
 
 
 class WorkerStreams:
@@ -41,20 +48,29 @@ class WorkerStreams:
         self._connection = connection
         self._names = names
         self._replicas = replicas
-        # Worker channels whose stream this driver made or checked, with its capacity.
-        self._ready: dict[str, int] = {}
-        self._pulls: dict[str, Any] = {}
+        self._inbox = Inbox()
+        self._client: Any = None
+        self._capacity: dict[str, int] = {}
+        self._pushes: dict[str, Pushes] = {}
+        self._pulls: dict[str, Pulls] = {}
+        # Where a failure the driver handles itself goes (the layer's, once listening).
+        self.report: Callable[[Exception], None] = _log
 
-    async def _js(self) -> Any:
+    async def _ready(self) -> Any:
         client = await self._connection.get()
-        return client.jetstream(timeout=REQUEST_TIMEOUT)
+        if client is not self._client:
+            # A new client (the layer's loop changed): nothing of the old one carries on.
+            self._discard()
+            await self._inbox.ready(client)
+            self._client = client
+        return client
 
-    async def _ensure(self, js: Any, channel: str, capacity: int, expires: float) -> None:
-        if self._ready.get(channel) == capacity:
-            return
+    async def _ensure(self, channel: str, capacity: int, expires: float) -> int:
+        """Make (or update) ``channel``'s stream; return how many messages it holds."""
         from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
         from nats.js.errors import BadRequestError
 
+        js = self._client.jetstream(timeout=REQUEST_TIMEOUT)
         config = StreamConfig(
             name=self._names.stream(channel),
             subjects=[self._names.queue_subject(channel)],
@@ -66,104 +82,140 @@ class WorkerStreams:
             description=f"crossws_channels worker channel {channel!r} of {self._names.broadcast!r}",
         )
         try:
-            await js.add_stream(config)
+            info = await js.add_stream(config)
         except BadRequestError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
             # Made by an instance with another capacity or expiry: the latest config wins.
-            await js.update_stream(config)
-        self._ready[channel] = capacity
+            info = await js.update_stream(config)
+        self._capacity[channel] = capacity
+        state = getattr(info, "state", None)
+        return int(getattr(state, "messages", 0) or 0)
+
+    async def _pushes_for(self, channel: str, capacity: int, expires: float) -> Pushes:
+        client = await self._ready()
+        pushes = self._pushes.get(channel)
+        if pushes is not None and self._capacity.get(channel) == capacity:
+            return pushes
+        stored = await self._ensure(channel, capacity, expires)
+        if pushes is None:
+
+            async def remake() -> None:
+                await self._ensure(channel, self._capacity.get(channel, capacity), expires)
+
+            pushes = Pushes(
+                self._inbox,
+                self._names.queue_subject(channel),
+                self._names.stream(channel),
+                client,
+                stored,
+                lambda error: self.report(error),
+                remake,
+            )
+            self._pushes[channel] = pushes
+        return pushes
 
     async def push(self, channel: str, item: str, capacity: int, expires: float) -> bool:
-        from nats.js.errors import APIError, NoStreamResponseError
-
-        js = await self._js()
+        data = item.encode("utf-8")
         for attempt in (1, 2):
-            await self._ensure(js, channel, capacity, expires)
+            pushes = await self._pushes_for(channel, capacity, expires)
             try:
-                await js.publish(
-                    self._names.queue_subject(channel),
-                    item.encode("utf-8"),
-                    stream=self._names.stream(channel),
-                )
-            except NoStreamResponseError:
+                return await pushes.push(data, capacity, expires)
+            except StreamGone:
                 # The stream is gone (a flush by another instance): make it again, once.
-                self._ready.pop(channel, None)
-                self._pulls.pop(channel, None)
+                self._capacity.pop(channel, None)
+                self._forget_pulls(channel)
                 if attempt == 2:
                     raise
-                continue
-            except APIError as exc:
-                if exc.err_code == MAX_MESSAGES:
-                    return False
-                raise
-            return True
         return False  # not reached
 
     async def pop(self, channel: str, timeout: float) -> str | None:
-        from nats.errors import TimeoutError as NatsTimeout
-
-        pull = await self._pull(channel)
-        if pull is None:
+        pulls = await self._pulls_for(channel)
+        if pulls is None:
             await asyncio.sleep(timeout)  # no stream yet: nothing was ever sent
             return None
-        try:
-            messages = await pull.fetch(1, timeout=max(timeout, 0.01))
-        except NatsTimeout:
-            return None
-        except Exception:
-            # The stream or its consumer may be gone (a flush elsewhere): look it up again.
-            self._pulls.pop(channel, None)
-            raise
-        message = messages[0]
-        await message.ack_sync(timeout=ACK_TIMEOUT)
-        return bytes(message.data).decode("utf-8")
+        item = await pulls.pop(timeout)
+        if pulls.gone:
+            # The stream or its consumer was deleted (a flush elsewhere): look it up again.
+            self._forget_pulls(channel)
+        return item
 
-    async def _pull(self, channel: str) -> Any:
+    async def _pulls_for(self, channel: str) -> Pulls | None:
         from nats.js.errors import NotFoundError
 
-        pull = self._pulls.get(channel)
-        if pull is not None:
-            return pull
-        js = await self._js()
+        pulls = self._pulls.get(channel)
+        if pulls is not None:
+            return pulls
+        client = await self._ready()
+        js = client.jetstream(timeout=REQUEST_TIMEOUT)
+        stream = self._names.stream(channel)
         try:
-            pull = await js.pull_subscribe(
-                self._names.queue_subject(channel),
-                durable=CONSUMER,
-                stream=self._names.stream(channel),
-            )
+            await js.consumer_info(stream, CONSUMER)
         except NotFoundError:
-            return None
-        self._pulls[channel] = pull
-        return pull
+            from nats.js.api import AckPolicy, ConsumerConfig
+
+            try:
+                await js.add_consumer(
+                    stream,
+                    ConsumerConfig(
+                        durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT
+                    ),
+                )
+            except NotFoundError:
+                return None
+        pulls = self._pulls[channel] = Pulls(self._inbox, client, stream, CONSUMER)
+        return pulls
+
+    def _forget_pulls(self, channel: str) -> None:
+        pulls = self._pulls.pop(channel, None)
+        if pulls is not None:
+            pulls.leftovers()
 
     async def give_back(self, channel: str, item: str) -> None:
-        """Publish ``item`` again: JetStream appends, so it goes to the tail, not the head."""
-        js = await self._js()
-        await js.publish(
-            self._names.queue_subject(channel),
-            item.encode("utf-8"),
-            stream=self._names.stream(channel),
-        )
+        """Push ``item`` again: JetStream appends, so it goes to the tail, not the head."""
+        capacity = self._capacity.get(channel, 1 << 30)
+        pushes = await self._pushes_for(channel, capacity, time.time() + 60)
+        if not await pushes.push_now(item.encode("utf-8")):
+            raise RuntimeError(f"worker channel {channel!r} is full: a returned item is lost")
 
     async def flush(self) -> None:
         """Delete every worker-channel stream of this cluster, and nothing else."""
-        js = await self._js()
+        client = await self._ready()
+        js = client.jetstream(timeout=REQUEST_TIMEOUT)
         prefix = self._names.stream_prefix
         for info in await js.streams_info():
             name = info.config.name
             if name and name.startswith(prefix):
                 await js.delete_stream(name)
-        self.forget()
+        self._discard()
 
-    def forget(self) -> None:
-        self._ready.clear()
+    def _discard(self) -> None:
+        """Drop what this driver knows of streams (they are gone, or the client is)."""
+        for pushes in self._pushes.values():
+            pushes.discard()
+        for pulls in self._pulls.values():
+            pulls.leftovers()
+        self._pushes.clear()
         self._pulls.clear()
+        self._capacity.clear()
 
     async def close(self) -> None:
-        pulls, self._pulls = list(self._pulls.values()), {}
-        for pull in pulls:
-            try:
-                await pull.unsubscribe()
-            except Exception:
-                pass
+        """Finish what is on its way, push back what was taken but never received."""
+        pushes, self._pushes = self._pushes, {}
+        for channel_pushes in pushes.values():
+            await channel_pushes.drain(DRAIN_TIMEOUT)
+            channel_pushes.close()
+        pulls, self._pulls = self._pulls, {}
+        for channel, channel_pulls in pulls.items():
+            await channel_pulls.release()
+            for item in channel_pulls.leftovers():
+                try:
+                    await self.give_back(channel, item)
+                except Exception as exc:
+                    self.report(exc)
+        await self._inbox.close()
+        self._client = None
+
+
+def _log(error: Exception) -> None:
+    logger.warning("nats worker channel: %s", error)

@@ -102,7 +102,11 @@ async def test_worker_channels_stay_exactly_once_when_a_server_dies(make_layer: 
         try:
             await eventually_async(lambda: len(got) > 50, timeout=20, what="consumption")
             cluster.servers[0].stop()
-            await eventually_async(lambda: len(got) >= total, timeout=60, what="every job")
+            try:
+                await eventually_async(lambda: len(got) >= total, timeout=60, what="every job")
+            except AssertionError as exc:
+                missing = sorted(set(range(total)) - set(got))
+                raise AssertionError(f"{exc}: {len(missing)} missing, {missing[:20]}") from None
             await asyncio.sleep(1)
         finally:
             for task in tasks:

@@ -163,6 +163,9 @@ async def test_stored_worker_messages_survive_a_server_restart(make_layer: Any) 
         sender = make_layer(**config)
         for n in range(5):
             await sender.send("jobs", {"type": "job", "n": n})
+        # Sent in a burst, some were on their way when send returned: closing waits for
+        # JetStream to confirm them (as the interpreter's exit does).
+        await sender.close()
         server.restart()
         receiver = make_layer(**config)
         got = [await asyncio.wait_for(receiver.receive("jobs"), 10) for _ in range(5)]
