@@ -124,6 +124,10 @@ class Pushes:
         answer = await self._push_once(data)
         return self._stored_or_full(answer)
 
+    def seen(self, stored: int) -> None:
+        """The stream held ``stored`` messages just now (it was made or updated)."""
+        self._stored, self._since = stored, 0
+
     async def push_now(self, data: bytes) -> bool:
         """Push and wait for the acknowledgement; False if the channel is full."""
         return self._stored_or_full(await self._push_once(data))

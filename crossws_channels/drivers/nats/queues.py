@@ -39,6 +39,7 @@ ACK_WAIT = 10.0
 STREAM_NAME_IN_USE = 10058
 REQUEST_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 2.0
+UNKNOWN = 1 << 62  # a stream's fill not known: as if full
 
 
 class WorkerStreams:
@@ -92,27 +93,32 @@ class WorkerStreams:
         state = getattr(info, "state", None)
         return int(getattr(state, "messages", 0) or 0)
 
-    async def _pushes_for(self, channel: str, capacity: int, expires: float) -> Pushes:
+    async def _pushes_for(self, channel: str, capacity: int | None, expires: float) -> Pushes:
+        """``channel``'s pushes, its stream made or updated for ``capacity`` first (None:
+        the stream exists and is left as it is, for an item given back)."""
         client = await self._ready()
         pushes = self._pushes.get(channel)
-        if pushes is not None and self._capacity.get(channel) == capacity:
+        if pushes is not None and capacity in (None, self._capacity.get(channel)):
             return pushes
-        stored = await self._ensure(channel, capacity, expires)
-        if pushes is None:
+        # Unknown fill: awaited pushes until the next look.
+        stored = UNKNOWN if capacity is None else await self._ensure(channel, capacity, expires)
+        if pushes is not None:
+            pushes.seen(stored)
+            return pushes
 
-            async def remake() -> None:
-                await self._ensure(channel, self._capacity.get(channel, capacity), expires)
+        async def remake() -> None:
+            await self._ensure(channel, self._capacity.get(channel, capacity or 1), expires)
 
-            pushes = Pushes(
-                self._inbox,
-                self._names.queue_subject(channel),
-                self._names.stream(channel),
-                client,
-                stored,
-                lambda error: self.report(error),
-                remake,
-            )
-            self._pushes[channel] = pushes
+        pushes = Pushes(
+            self._inbox,
+            self._names.queue_subject(channel),
+            self._names.stream(channel),
+            client,
+            stored,
+            lambda error: self.report(error),
+            remake,
+        )
+        self._pushes[channel] = pushes
         return pushes
 
     async def push(self, channel: str, item: str, capacity: int, expires: float) -> bool:
@@ -173,8 +179,7 @@ class WorkerStreams:
 
     async def give_back(self, channel: str, item: str) -> None:
         """Push ``item`` again: JetStream appends, so it goes to the tail, not the head."""
-        capacity = self._capacity.get(channel, 1 << 30)
-        pushes = await self._pushes_for(channel, capacity, time.time() + 60)
+        pushes = await self._pushes_for(channel, None, time.time() + 60)
         if not await pushes.push_now(item.encode("utf-8")):
             raise RuntimeError(f"worker channel {channel!r} is full: a returned item is lost")
 
@@ -187,14 +192,16 @@ class WorkerStreams:
             name = info.config.name
             if name and name.startswith(prefix):
                 await js.delete_stream(name)
-        self._discard()
+        self._discard(flushed=True)
 
-    def _discard(self) -> None:
-        """Drop what this driver knows of streams (they are gone, or the client is)."""
+    def _discard(self, flushed: bool = False) -> None:
+        """Drop what this driver knows of streams (they were ``flushed``, or the client
+        is gone)."""
         for pushes in self._pushes.values():
             pushes.discard()
-        for pulls in self._pulls.values():
-            pulls.leftovers()
+        lost = sum(len(pulls.leftovers()) for pulls in self._pulls.values())
+        if lost and not flushed:
+            self.report(ConnectionError(f"{lost} worker messages taken by an old client are lost"))
         self._pushes.clear()
         self._pulls.clear()
         self._capacity.clear()
