@@ -35,6 +35,8 @@ logger = logging.getLogger("crossws_channels")
 __all__ = ["DRAIN_TIMEOUT", "HIGH_WATER", "Outbox"]
 
 MAX_BATCH = 512
+# Messages a sender publishes itself (a buffering driver) before it yields to the loop.
+INLINE_RUN = 64
 # Above this many queued messages, a producer on the home loop waits for the flusher.
 HIGH_WATER = 2048
 # A producer never waits longer than this for room; past it, the message is dropped.
@@ -72,6 +74,7 @@ class Outbox:
         self._room: asyncio.Future[None] | None = None
         # The flusher's driver, when its publishing only buffers (DeclaresBuffering).
         self._buffering: Driver | SubscribingDriver | None = None
+        self._inline = 0
 
     # Producers
 
@@ -90,6 +93,12 @@ class Outbox:
                 # Nothing waits to be relayed and publishing can't block: publish now
                 # rather than wake the flusher for one message (a turn of the loop).
                 await self._send(buffering, [_Outgoing(target, text)])
+                self._inline += 1
+                if self._inline >= INLINE_RUN:
+                    # A sender in a loop would never yield: let the client write what it
+                    # holds now and then, as the flusher does after each batch.
+                    self._inline = 0
+                    await asyncio.sleep(0)
                 return
             self._queue.append(_Outgoing(target, text))
             self._wake_up()

@@ -298,7 +298,8 @@ class NatsServer(_ServerProcess):
             self.process = subprocess.Popen(
                 [binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
             )
-        wait_for_port(self.port)
+        # JetStream reads its store before listening: slow on a loaded machine.
+        wait_for_port(self.port, timeout=30.0)
 
 
 def _pg_bin(name: str) -> str:

@@ -130,6 +130,16 @@ class Connection:
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            # What was published last may still be in nats-py's buffer or the socket's:
+            # round trips make sure the server has it before the connection goes (and a
+            # user's client, left open, has sent what the layer gave it). Two, since
+            # nats-py writes a flush's PING ahead of what it still holds.
+            try:
+                await client.flush(timeout=CONNECT_TIMEOUT)
+                await client.flush(timeout=CONNECT_TIMEOUT)
+            except Exception as exc:
+                logger.debug("flushing the nats connection failed: %s", exc)
         if client is not None and self._owned and not client.is_closed:
             try:
                 await asyncio.wait_for(client.close(), CONNECT_TIMEOUT)

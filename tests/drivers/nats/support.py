@@ -64,8 +64,12 @@ class NatsCluster:
         return ",".join(server.url for server in order)
 
     def __enter__(self) -> NatsCluster:
-        for server in self.servers:
-            server.start()
+        try:
+            for server in self.servers:
+                server.start()
+        except BaseException:
+            self.__exit__()  # stop the servers that did start
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
