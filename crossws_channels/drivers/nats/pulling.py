@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from .inbox import Inbox, status_of
+from .pushing import ACK_TIMEOUT
 
 __all__ = ["Pulls"]
 
@@ -37,7 +38,6 @@ FAST = 0.005
 PULL_EXPIRES = 1.0  # seconds a pull request stays open on the server
 LATE = 0.5  # after its expiry, how long a pull request's messages may still come
 IDLE = 0.2
-ACK_TIMEOUT = 2.0
 ACK_ATTEMPTS = 3
 # Status codes ending a pull request: timed out, no messages (no wait), conflicts
 # (the consumer was deleted, too many requests waiting...), no responders.

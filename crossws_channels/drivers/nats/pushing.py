@@ -34,13 +34,14 @@ from typing import Any
 
 from .inbox import Answer, Inbox
 
-__all__ = ["ACK_TIMEOUT", "MAX_MESSAGES", "PushLost", "Pushes", "Refused", "StreamGone"]
+__all__ = ["ACK_TIMEOUT", "MAX_MESSAGES", "UNKNOWN", "PushLost", "Pushes", "Refused", "StreamGone"]
 
 logger = logging.getLogger("crossws_channels.drivers.nats")
 
 MAX_MESSAGES = 10077  # JetStream's "maximum messages exceeded" (discard new)
 NO_RESPONDERS = "503"
 ACK_TIMEOUT = 2.0
+UNKNOWN = 1 << 62  # a stream's fill not known: as if full
 WINDOW = 32
 PIPELINE_FROM = 16
 LOOK_EVERY = 16
@@ -213,7 +214,7 @@ class Pushes:
             self._stored = int(answer.json()["state"]["messages"])
         except Exception:
             # Can't tell: push as if the channel were half full (waiting for each ack).
-            self._stored = 1 << 62
+            self._stored = UNKNOWN
 
     # Held back
 
@@ -261,7 +262,7 @@ class Pushes:
         if code is None:
             return True
         if code == MAX_MESSAGES:
-            self._stored = 1 << 62  # full: look again before pipelining anything
+            self._stored = UNKNOWN  # full: look again before pipelining anything
             return False
         raise self._refused(answer)
 

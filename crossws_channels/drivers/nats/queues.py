@@ -25,7 +25,7 @@ from .connection import Connection
 from .inbox import Inbox
 from .options import NatsNames
 from .pulling import Pulls
-from .pushing import Pushes, StreamGone
+from .pushing import UNKNOWN, Pushes, StreamGone
 
 __all__ = ["WorkerStreams"]
 
@@ -39,7 +39,6 @@ ACK_WAIT = 10.0
 STREAM_NAME_IN_USE = 10058
 REQUEST_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 2.0
-UNKNOWN = 1 << 62  # a stream's fill not known: as if full
 
 
 class WorkerStreams:
