@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 from ._sealing import Sealer
-from .envelope import SyncMessage, encode_frame
+from .envelope import encode_frame_after, frame_head
 
 __all__ = ["GROUPS", "Frames", "pack_groups", "unpack_groups"]
 
@@ -23,6 +23,8 @@ GROUPS_PER_ENVELOPE = 256
 # Topics whose numbering is remembered (one per group a sender sends to, with a topic
 # per group).
 TOPICS_NUMBERED = 65536
+# Topics (groups, channels) whose envelopes' common beginning is kept, encoded.
+HEADS_KEPT = 4096
 
 
 class Frames:
@@ -36,6 +38,7 @@ class Frames:
         # the messages sent on each topic (routing "groups"), each topic on its own.
         self._broadcasts = itertools.count(1)
         self._topics: dict[str, itertools.count[int]] = {}
+        self._heads: dict[str, str] = {}
 
     def frame(
         self,
@@ -50,9 +53,14 @@ class Frames:
         sealer = self.sealer
         if sealer is not None and sealer.encrypt:
             data = sealer.encrypt_data(self.instance_id, topic, data)
-        text = encode_frame(
-            self.instance_id,
-            SyncMessage(self.namespace, topic, data),
+        head = self._heads.get(topic)
+        if head is None:
+            if len(self._heads) >= HEADS_KEPT:
+                self._heads.clear()
+            head = self._heads[topic] = frame_head(self.instance_id, self.namespace, topic)
+        text = encode_frame_after(
+            head,
+            data,
             seq=seq,
             expires=expires,
             ask=ask,

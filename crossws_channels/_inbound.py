@@ -50,7 +50,7 @@ from ._registry import Registry
 from ._reporting import Reporter, Stats
 from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, Unauthenticated
-from .envelope import SyncMessage, decode_envelope
+from .envelope import SyncMessage, decode_fields
 from .errors import MalformedMessage, MessagesLost, Stage
 
 logger = logging.getLogger("crossws_channels")
@@ -61,6 +61,8 @@ __all__ = ["GROUP_ADD", "GROUP_DISCARD", "Inbound"]
 GROUP_ADD = "!add"
 GROUP_DISCARD = "!discard"
 INSTANCE_ID_LENGTH = 12
+# Group names of relayed messages found valid; forgotten all at once when full.
+VALID_GROUPS_KEPT = 10_000
 # Pings answered: far more than operators' tools send (a check or a status page asks
 # every few seconds), far fewer than a flood.
 PING_ANSWERS_PER_SECOND = 10.0
@@ -188,6 +190,7 @@ class Inbound:
         # How far into an envelope of ours the control marker can be: right after our
         # id and namespace, which are fixed.
         self._echo_scan = prefix.index(self._control_text) + len(self._control_text)
+        self._valid_groups: set[str] = set()
 
     # The Deliver protocol
 
@@ -251,16 +254,13 @@ class Inbound:
             except Unauthenticated as exc:
                 self._reporter.drop_unauthenticated(str(exc))
                 return None
-        envelope = decode_envelope(raw)
-        if envelope is None:
+        fields = decode_fields(raw)
+        if fields is None:
             self._reporter.drop_malformed(
                 f"{len(raw)} bytes of backplane traffic that are not an envelope"
             )
             return None
-        msg = envelope.msg
-        topic = msg.topic
-        sender = envelope.id
-        data = msg.data
+        sender, namespace, topic, data, seq, _, ask, sent = fields
         if sealer is not None:
             assert self._guard is not None
             refusal = self._guard.admit(sender, opened)
@@ -268,7 +268,7 @@ class Inbound:
                 self._reporter.drop_unauthenticated(refusal, "replayed")
                 return None
             try:
-                data = sealer.data_of(opened, envelope)
+                data = sealer.data_of(opened, sender, topic, data)
             except Unauthenticated as exc:
                 self._reporter.drop_unauthenticated(str(exc))
                 return None
@@ -278,44 +278,49 @@ class Inbound:
                 self._on_control(sender, topic, data)
             return None
         self._stats.incr("relayed_in")
-        sent = envelope.sent
         if sent is not None and self._lag is not None:
             # Clocks of different hosts differ: a message can't arrive before it was sent.
             self._lag.observe(max(0.0, time.time() - sent))
         if topic[:1] == "!":
-            if envelope.seq is not None:  # a broadcast: numbered per sender
-                self._count_gap(sender, envelope.seq)
+            if seq is not None:  # a broadcast: numbered per sender
+                self._count_gap(sender, seq)
             self._on_control(sender, topic, data)
             return None
         if "!" in topic:
-            self._on_direct(sender, topic, data, envelope.seq, envelope.ask)
+            self._on_direct(sender, topic, data, seq, ask)
             return None
         if topic == GROUPS:
-            return self._on_groups(sender, envelope.seq, data)
-        if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
+            return self._on_groups(sender, seq, data)
+        if topic not in self._valid_groups and not self._valid_group(topic):
             logger.debug("ignoring a relayed message for topic %r: not a valid group name", topic)
             return None
-        if envelope.seq is not None:
+        if seq is not None:
             routes = self._routes
-            self._count_gap(
-                sender, envelope.seq, None if routes is None else routes.gap_key(sender, topic)
-            )
-        # A numbered envelope comes from a layer instance, whose data is a serialized
-        # message (the fan-out or the receiver decodes it); crossws peers' data is
-        # checked and wrapped here.
-        if envelope.seq is not None:
+            self._count_gap(sender, seq, None if routes is None else routes.gap_key(sender, topic))
+            # A numbered envelope comes from a layer instance, whose data is a
+            # serialized message (the fan-out or the receiver decodes it).
             payload = data
         else:
+            # crossws peers' data is checked and wrapped here.
             try:
-                if data is not msg.data:
-                    msg = SyncMessage(msg.namespace, topic, data)
-                payload = serialize.relayed_payload(msg)
+                payload = serialize.relayed_payload(SyncMessage(namespace, topic, data))
             except Exception as exc:
                 self._reporter.drop_malformed(f"a relayed message for {topic!r}: {exc}")
                 return None
+        if not self._registry.member_count(topic):
+            return None  # none of the group's members are here
         flow = self._flow
         self._delivery.to_group(topic, payload, flow)
         return flow.finish()
+
+    def _valid_group(self, topic: str) -> bool:
+        """Whether ``topic`` is a valid group name, remembering those that are."""
+        if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
+            return False
+        if len(self._valid_groups) >= VALID_GROUPS_KEPT:
+            self._valid_groups.clear()
+        self._valid_groups.add(topic)
+        return True
 
     def _on_groups(
         self, sender: str, number: int | None, data: str | bytes

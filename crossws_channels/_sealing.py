@@ -34,10 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    from .envelope import Envelope
+from typing import Any, NamedTuple
 
 __all__ = ["ENCRYPTED_MARKER", "Key", "Opened", "ReplayGuard", "Sealer", "derive_keys"]
 
@@ -169,13 +166,13 @@ class Sealer:
             raise Unauthenticated("malformed seal") from None
         return Opened(key, timestamp, number)
 
-    def data_of(self, opened: Opened, envelope: Envelope) -> str | bytes:
-        """The message data of ``envelope`` (its seal ``opened``): as it came, or
-        decrypted when the cluster encrypts; raise :class:`Unauthenticated`."""
-        msg = envelope.msg
+    def data_of(self, opened: Opened, sender: str, topic: str, data: str | bytes) -> str | bytes:
+        """The message ``data`` of an envelope from ``sender`` on ``topic`` (its seal
+        ``opened``): as it came, or decrypted when the cluster encrypts; raise
+        :class:`Unauthenticated`."""
         if not self.encrypt:
-            return msg.data
-        return self.decrypt_data(opened, envelope.id, msg.topic, msg.data)
+            return data
+        return self.decrypt_data(opened, sender, topic, data)
 
     def decrypt_data(
         self, opened: Opened, sender: str, topic: str, data: str | bytes

@@ -268,7 +268,7 @@ class WorkerChannels:
                 self._reporter.drop_unauthenticated(f"not an item of {channel!r}")
                 return True
             try:
-                data = sealer.data_of(opened, envelope)
+                data = sealer.data_of(opened, envelope.id, msg.topic, msg.data)
             except Unauthenticated as exc:
                 self._reporter.drop_unauthenticated(f"{exc} (an item of {channel!r})")
                 return True

@@ -128,19 +128,48 @@ def encode_frame(
 ) -> str:
     """Encode an envelope with crossws_channels' optional keys appended (``sent``: the
     wall-clock time in microseconds, ``"ts"``)."""
-    text = encode_envelope(instance_id, msg)
-    if seq is None and expires is None and not ask and sent is None:
-        return text
-    extra = ""
+    head = frame_head(instance_id, msg.namespace, msg.topic)
+    return encode_frame_after(head, msg.data, seq=seq, expires=expires, ask=ask, sent=sent)
+
+
+def frame_head(instance_id: str, namespace: str, topic: str) -> str:
+    """The text every envelope from ``instance_id`` on ``topic`` starts with, up to the
+    value of ``binary``: a sender can keep it for the topics it sends on often."""
+    return (
+        '{"id":'
+        + _json_string(instance_id)
+        + ',"msg":{"namespace":'
+        + _json_string(namespace)
+        + ',"topic":'
+        + _json_string(topic)
+        + ',"binary":'
+    )
+
+
+def encode_frame_after(
+    head: str,
+    data: str | bytes,
+    *,
+    seq: int | None = None,
+    expires: float | None = None,
+    ask: bool = False,
+    sent: int | None = None,
+) -> str:
+    """:func:`encode_frame` for the envelope that starts with ``head``
+    (:func:`frame_head`)."""
+    if isinstance(data, str):
+        text = head + 'false,"data":' + _json_string(data) + "}"
+    else:
+        text = head + 'true,"data":"' + base64.b64encode(data).decode("ascii") + '"}'
     if seq is not None:
-        extra += f',"seq":{seq:d}'
+        text += f',"seq":{seq:d}'
     if expires is not None:
-        extra += f',"exp":{expires!r}'
+        text += f',"exp":{expires!r}'
     if ask:
-        extra += ',"ask":true'
+        text += ',"ask":true'
     if sent is not None:
-        extra += f',"ts":{sent:d}'
-    return text[:-1] + extra + "}"
+        text += f',"ts":{sent:d}'
+    return text + "}"
 
 
 def _reject_constant(name: str) -> Any:
@@ -179,23 +208,48 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
 
     Accepts exactly what crossws's ``decodeEnvelope`` accepts. Never raises.
     """
+    fields = decode_fields(raw)
+    if fields is None:
+        return None
+    instance_id, namespace, topic, data, seq, expires, ask, sent = fields
+    return Envelope(instance_id, SyncMessage(namespace, topic, data), seq, expires, ask, sent)
+
+
+# What decode_fields returns: the id, the message's namespace, topic and data, then seq,
+# expires, ask and sent (as in Envelope).
+Fields = tuple[str, str, str, "str | bytes", "int | None", "float | None", bool, "float | None"]
+
+# The decoder's scanner: decode() without its checks for whitespace around the value.
+_scan = _decoder.scan_once  # type: ignore[attr-defined]
+
+
+def decode_fields(raw: str | bytes | bytearray | memoryview) -> Fields | None:
+    """:func:`decode_envelope`'s fields as a tuple, without the objects around them: what
+    the layer reads every relayed message with (building the two frozen dataclasses
+    would cost as much as parsing the JSON)."""
     try:
         if not isinstance(raw, str):
             raw = bytes(raw).decode("utf-8")
-        parsed = _decoder.decode(raw)
-        if not isinstance(parsed, dict):
+        if raw[:1] == "{":
+            parsed, end = _scan(raw, 0)
+            if end != len(raw):
+                parsed = _decoder.decode(raw)  # whitespace after it, or extra data
+        else:
+            parsed = _decoder.decode(raw)
+        if type(parsed) is not dict:
             return None
         instance_id = parsed.get("id")
         msg = parsed.get("msg")
-        if not isinstance(instance_id, str) or not isinstance(msg, dict):
+        if type(instance_id) is not str or type(msg) is not dict:
             return None
         namespace = msg.get("namespace")
         topic = msg.get("topic")
         data = msg.get("data")
-        if not (isinstance(topic, str) and isinstance(namespace, str) and isinstance(data, str)):
+        if type(topic) is not str or type(namespace) is not str or type(data) is not str:
             return None
         payload: str | bytes = data
-        if _js_truthy(msg.get("binary")):
+        binary = msg.get("binary")
+        if binary is not False and _js_truthy(binary):
             decoded = _forgiving_base64(data)
             if decoded is None:
                 return None
@@ -203,13 +257,13 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
         seq = parsed.get("seq")
         expires = parsed.get("exp")
         sent = parsed.get("ts")
-        return Envelope(
+        return (
             instance_id,
-            SyncMessage(namespace, topic, payload),
+            namespace,
+            topic,
+            payload,
             seq if type(seq) is int and seq >= 0 else None,
-            float(expires)
-            if isinstance(expires, (int, float)) and not isinstance(expires, bool)
-            else None,
+            None if expires is None else float(expires) if type(expires) in (int, float) else None,
             parsed.get("ask") is True,
             sent / 1e6 if type(sent) is int and sent > 0 else None,
         )

@@ -72,9 +72,10 @@ __all__ = ["BackplaneChannelLayer"]
 Message = dict[str, Any]
 
 _ID_ALPHABET = string.ascii_letters + string.digits
-# Channel names receive() has validated. A consumer receives on the same channel over and
-# over, and the regular expression costs about as much as the rest of a receive of a
-# small message (scenario C of the benchmark); forgotten all at once when full.
+# Channel names receive() has validated, and group names group_send has. A consumer
+# receives on the same channel over and over, and the regular expression costs about as
+# much as the rest of a receive of a small message (scenario C of the benchmark);
+# forgotten all at once when full.
 _VALID_NAMES_KEPT = 10_000
 
 
@@ -231,6 +232,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             routes.bind(self._backplane.call)
         self._supports_flush = can.flush
         self._valid_names: set[str] = set()
+        self._valid_groups: set[str] = set()  # the same, for group_send
 
     def _make_heartbeat(
         self, driver: Driver | SubscribingDriver, health: Health, flow: InboundFlow
@@ -447,16 +449,28 @@ class BackplaneChannelLayer(BaseChannelLayer):
 
     async def group_send(self, group: str, message: Message) -> None:
         """Deliver to this instance's members of ``group``, then relay one envelope."""
-        self.require_valid_group_name(group)
+        if type(group) is not str or group not in self._valid_groups:
+            self._remember_valid_group(group)
         payload = self._serialize(message)
-        await self._backplane.ensure()
-        self._delivery.to_group(group, payload)
+        backplane = self._backplane
+        await backplane.ensure()
+        if self._registry.member_count(group):
+            self._delivery.to_group(group, payload)
         routes = self._routes
         if routes is None:
-            await self._backplane.publish(None, self._frames.broadcast(group, payload))
+            await backplane.publish(None, self._frames.broadcast(group, payload))
         else:
             topic = routes.topic_of(group)
-            await self._backplane.publish(topic, self._frames.routed(topic, group, payload))
+            await backplane.publish(topic, self._frames.routed(topic, group, payload))
+
+    def _remember_valid_group(self, group: str) -> None:
+        """Validate ``group`` (TypeError if it isn't a valid name), and remember it: a
+        sender in a loop sends to the same few groups over and over."""
+        self.require_valid_group_name(group)
+        if type(group) is str:
+            if len(self._valid_groups) >= _VALID_NAMES_KEPT:
+                self._valid_groups.clear()
+            self._valid_groups.add(group)
 
     async def group_send_many(self, groups: Iterable[str], message: Message) -> None:
         """Send ``message`` to each of ``groups``: what a ``group_send`` to each does,

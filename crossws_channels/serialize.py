@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -47,9 +47,31 @@ def _not_json(value: object) -> Any:
     raise _NotJSON
 
 
-_json_encode = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_not_json
-).encode
+def _make_json_encode() -> Callable[[Any], str]:
+    """JSON text of a message, compact, NaN refused, anything else JSON can't take
+    raising :class:`_NotJSON`.
+
+    ``JSONEncoder.encode`` builds a new C encoder for every call (a third of the cost
+    of a small message); this one is built once. It keeps no record of the containers
+    being encoded: a message that contains itself fails with RecursionError, as the
+    check of its values would anyway.
+    """
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:  # an interpreter without the C accelerator
+        return json.JSONEncoder(
+            ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_not_json
+        ).encode
+    encode = make(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def encode_message(value: Any) -> str:
+        return "".join(encode(value, 0))
+
+    return encode_message
+
+
+_json_encode = _make_json_encode()
 _json_decode = json.JSONDecoder().decode
 _ALLOWED = "str, bytes, int, float, bool, None, and lists and dicts of those with str keys"
 
@@ -90,10 +112,21 @@ def _walk(value: object, path: str) -> bool:
 def _str_keys(value: dict[Any, Any]) -> bool:
     """True if every dict key in ``value`` (at any depth) is a str: the cheap check left
     to do once the JSON encoder has accepted every value."""
-    for key in value:
-        if not isinstance(key, str):
+    for key, item in value.items():
+        if type(key) is not str and not isinstance(key, str):
             return False
-    return _str_keys_in(value.values())
+        if type(item) in _LEAVES:
+            continue
+        if isinstance(item, dict):
+            if not _str_keys(item):
+                return False
+        elif isinstance(item, (list, tuple)) and not _str_keys_in(item):
+            return False
+    return True
+
+
+# The values the check of keys needn't look into.
+_LEAVES = frozenset((str, int, float, bool, type(None)))
 
 
 def _str_keys_in(values: Iterable[Any]) -> bool:

@@ -50,6 +50,19 @@ class Connection:
         """The client, for statements that need it connected (:meth:`get`)."""
         return self._client
 
+    @property
+    def ready(self) -> Any:
+        """The client if it is open on the running loop, else None (then :meth:`get`):
+        what a publish needs, without a coroutine."""
+        client = self._client
+        if (
+            client is None
+            or self._loop is not asyncio.get_running_loop()
+            or (self._owned and client.is_closed)
+        ):
+            return None
+        return client
+
     async def get(self) -> Any:
         """The client, connecting it first if need be."""
         loop = asyncio.get_running_loop()
@@ -71,7 +84,7 @@ class Connection:
         return client
 
     async def _connect(self) -> Any:
-        import nats
+        from .reader import Client
 
         options: dict[str, Any] = {
             "name": self._name,
@@ -80,7 +93,8 @@ class Connection:
             "max_reconnect_attempts": -1,
             **self._options.connect,
         }
-        return await nats.connect(
+        client = Client()
+        await client.connect(
             servers=self._options.servers,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_changed,
@@ -88,6 +102,7 @@ class Connection:
             error_cb=self._on_error,
             **options,
         )
+        return client
 
     async def _on_disconnected(self) -> None:
         self.disconnects += 1

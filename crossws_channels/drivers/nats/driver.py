@@ -22,19 +22,16 @@ from typing import Any
 from crossws_channels.errors import ConfigurationError
 
 from ..base import Deliver, Outgoing, Ready, Topic
-from .chunks import HEADER, Assembler, split
+from .chunks import split
 from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost
+from .inlet import Inlet
 from .options import DRIVER_KEYS, NatsNames, NatsOptions
 from .queues import WorkerStreams
+from .reader import Handler, subscribe
 
 __all__ = ["NatsDriver"]
 
 logger = logging.getLogger("crossws_channels.drivers.nats")
-
-# Messages a subscription may hold while the layer holds the backplane back
-# (backpressure): past them nats-py drops and reports a slow consumer.
-PENDING_MESSAGES = 1_000_000
-PENDING_BYTES = 256 * 1024 * 1024
 
 
 class NatsDriver:
@@ -84,8 +81,10 @@ class NatsDriver:
 
     async def publish(self, envelope: str, /) -> None:
         """Publish ``envelope`` on the cluster's broadcast subject."""
-        self._require_open()
-        client = await self._connection.get()
+        client = self._connection.ready
+        if client is None or self._closed:
+            self._require_open()
+            client = await self._connection.get()
         await self._send(client, self.names.broadcast, envelope.encode("utf-8"))
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
@@ -137,10 +136,10 @@ class NatsDriver:
         live = self._live
         if live is None or not added:
             return
-        client, on_message = live
+        client, inlet = live
         for subject in added:
             if subject in self._topics and self._topics[subject] is None:
-                self._topics[subject] = await self._subscribe(client, subject, on_message)
+                self._topics[subject] = await subscribe(client, subject, inlet)
         await _confirmed(client)
 
     async def stop_listening(self, topics: Sequence[str], /) -> None:
@@ -151,15 +150,6 @@ class NatsDriver:
             if subscription is not None:
                 await _unsubscribe(subscription)
 
-    @staticmethod
-    async def _subscribe(client: Any, subject: str, on_message: Any) -> Any:
-        return await client.subscribe(
-            subject,
-            cb=on_message,
-            pending_msgs_limit=PENDING_MESSAGES,
-            pending_bytes_limit=PENDING_BYTES,
-        )
-
     # Relay in
 
     async def listen(self, deliver: Deliver, ready: Ready, /) -> None:
@@ -169,28 +159,17 @@ class NatsDriver:
         connection = self._connection
         client = await connection.wait_connected(CONNECT_TIMEOUT)
 
-        assembler = Assembler()
         self._queues.report = lambda error: deliver.report(error, "publish")
-
-        async def on_message(message: Any) -> None:
-            data = message.data
-            headers = message.headers
-            if headers and HEADER in headers:
-                data = assembler.add(headers[HEADER], data)
-                if data is None:
-                    return
-            held = deliver(data)
-            if held is not None:
-                # Backpressure: this subscription's next messages wait in nats-py.
-                await held
-
+        # One inlet for all the relay's subjects: they are delivered in the order the
+        # server sent them, and held back together (backpressure).
+        inlet: Handler = Inlet(deliver)
         subscriptions = []
         try:
             for subject in (self.names.broadcast, self._direct):
-                subscriptions.append(await self._subscribe(client, subject, on_message))
+                subscriptions.append(await subscribe(client, subject, inlet))
             for subject in list(self._topics):
-                self._topics[subject] = await self._subscribe(client, subject, on_message)
-            self._live = (client, on_message)
+                self._topics[subject] = await subscribe(client, subject, inlet)
+            self._live = (client, inlet)
             await _confirmed(client)
             ready()
             await connection.until_lost(client)

@@ -18,22 +18,23 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from .reader import Message, subscribe
+
 __all__ = ["Answer", "Inbox", "status_of"]
 
-# A subscription may hold this many answers while the driver is busy.
-PENDING_MESSAGES = 1_000_000
-PENDING_BYTES = 256 * 1024 * 1024
+ACK_PREFIX = b"$JS.ACK."
 
-ACK_PREFIX = "$JS.ACK."
-
-Handler = Callable[[Any], None]
+Handler = Callable[[Message], None]
 
 
-def status_of(message: Any) -> str | None:
+def status_of(message: Message) -> str | None:
     """The status code of a server's status message (``"503"``, ``"408"``...), if it is
     one: a header ``Status`` on a message with no reply subject."""
-    headers = message.headers
-    if headers and not message.reply:
+    return _status(message.reply, message.headers)
+
+
+def _status(reply: str | bytes, headers: dict[str, str] | None) -> str | None:
+    if headers and not reply:
         status = headers.get("Status")
         if status:
             return str(status)
@@ -82,12 +83,7 @@ class Inbox:
             return
         self.forget()
         prefix = client.new_inbox()
-        self._subscription = await client.subscribe(
-            prefix + ".>",
-            cb=self._on_message,
-            pending_msgs_limit=PENDING_MESSAGES,
-            pending_bytes_limit=PENDING_BYTES,
-        )
+        self._subscription = await subscribe(client, prefix + ".>", self._on_message)
         self._client, self._prefix = client, prefix
 
     def expect(self) -> tuple[str, asyncio.Future[Answer]]:
@@ -128,26 +124,27 @@ class Inbox:
         await self._client.publish(subject, data, reply=reply)
         return await asyncio.wait_for(future, timeout)
 
-    async def _on_message(self, message: Any) -> None:
-        subject = message.subject
+    def _on_message(
+        self, subject_bytes: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        subject = subject_bytes.decode()
         call = self._calls.pop(subject, None)
         if call is not None:
-            call(subject, Answer(message.data, status_of(message)))
+            call(subject, Answer(data, _status(reply, headers)))
             return
         future = self._futures.pop(subject, None)
         if future is not None:
             if not future.done():
-                future.set_result(Answer(message.data, status_of(message)))
+                future.set_result(Answer(data, _status(reply, headers)))
             return
         handler = self._handlers.get(subject)
         if handler is None:
-            reply = message.reply
-            if not reply or not reply.startswith(ACK_PREFIX):
+            if not reply.startswith(ACK_PREFIX):
                 return
-            handler = self._streams.get(reply[len(ACK_PREFIX) :].split(".", 1)[0])
+            handler = self._streams.get(reply[len(ACK_PREFIX) :].split(b".", 1)[0].decode())
             if handler is None:
                 return
-        handler(message)
+        handler(Message(subject, reply.decode(), data, headers))
 
     def forget(self) -> None:
         """Fail what waits on the old client's subscription (the client is gone)."""

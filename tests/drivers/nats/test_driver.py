@@ -170,6 +170,7 @@ async def test_stored_worker_messages_survive_a_server_restart(make_layer: Any) 
         receiver = make_layer(**config)
         got = [await asyncio.wait_for(receiver.receive("jobs"), 10) for _ in range(5)]
         assert [m["n"] for m in got] == list(range(5))
+        await receiver.close()
         await drop_streams_async(server.url, sender.config.channel)
 
 
@@ -188,3 +189,21 @@ async def test_a_users_client_is_used_and_left_open(nats_url: str, make_layer: A
         assert client.is_connected
     finally:
         await client.close()
+
+
+async def test_a_layer_closed_right_after_its_first_sends_hears_their_acknowledgements(
+    nats_url: str, make_layer: Any
+) -> None:
+    # Closing while the layer still subscribes cancels a flush() whose PONG comes later;
+    # nats-py's own reader then fails on the abandoned future and stops reading, so the
+    # acknowledgements of the pushes (and everything else) go unheard.
+    errors = ErrorLog()
+    sender = make_layer(driver="nats", url=nats_url, on_error=errors)
+    for n in range(5):
+        await sender.send("jobs", {"type": "job", "n": n})
+    await sender.close()
+    assert [e for e, stage in errors.calls if stage == "publish"] == []
+    receiver = make_layer(driver="nats", url=nats_url, channel=sender.config.channel)
+    got = [await asyncio.wait_for(receiver.receive("jobs"), 10) for _ in range(5)]
+    assert [m["n"] for m in got] == list(range(5))
+    await drop_streams_async(nats_url, sender.config.channel)
