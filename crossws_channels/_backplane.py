@@ -290,7 +290,8 @@ class Backplane:
 
     async def publish(self, target: str | None, text: str) -> None:
         """Queue one envelope for relaying. Never raises for backplane failures."""
-        await self.ensure()
+        if self._home.loop is not asyncio.get_running_loop():
+            await self.ensure()
         await self._outbox.publish(target, text)
 
     async def call(self, operation: Callable[[Driver | SubscribingDriver], Awaitable[T]]) -> T:

@@ -31,7 +31,13 @@ from ._registry import Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from ._sealing import ReplayGuard, Unauthenticated
 from ._supervisor import Backoff
-from .drivers.base import Driver, SubscribingDriver, SupportsWorkerQueue
+from .drivers.base import (
+    Driver,
+    SubscribingDriver,
+    SupportsQueueTake,
+    SupportsWorkerQueue,
+    capabilities,
+)
 from .envelope import SyncMessage, decode_envelope
 from .errors import MessageExpired
 from .serialize import relayed_template
@@ -242,6 +248,38 @@ class WorkerChannels:
         # A receiver may have arrived just as this fetcher decided to stop.
         if registry.has_waiters(channel):
             self._start_fetcher(channel)
+
+    def take_now(self, channel: str) -> bool:
+        """Hand ``channel``'s waiting receiver an item the driver already has at hand
+        (``SupportsQueueTake``), on the home loop; False if there is none (then
+        :meth:`want` it)."""
+        driver = self._driver
+        if (
+            driver is None
+            or not capabilities(driver).take
+            or asyncio.events._get_running_loop() is not self._home.loop
+        ):
+            return False
+        taking = cast(SupportsQueueTake, driver)
+        while True:
+            item = taking.queue_take(channel)
+            if item is None:
+                return False
+            if not self._take(channel, item):
+                self.give_back_item(channel, item)
+                return False
+            if not self._registry.has_waiters(channel):
+                return True  # handed over
+            # Dropped (expired, malformed): the receiver still waits for another.
+
+    def give_back_item(self, channel: str, item: str) -> None:
+        """Put an item the driver handed over back at the head of the queue, in the
+        background."""
+
+        async def give_back() -> None:
+            await self._queue().queue_return(channel, item)
+
+        self._spawn(give_back, f"return an item to {channel!r}")
 
     def _take(self, channel: str, item: str) -> bool:
         """Hand an item popped from the queue to a waiting receiver; False to put it back."""

@@ -307,7 +307,8 @@ class BackplaneChannelLayer(BaseChannelLayer):
         room that instance last granted is used up and no more comes within
         ``backpressure`` seconds (see ``docs/semantics.md``).
         """
-        self.require_valid_channel_name(channel)
+        if channel not in self._valid_names:
+            self._check_channel_name(channel)
         await self._send(channel, self._serialize(message))
 
     async def send_many(self, messages: Iterable[tuple[str, Message]]) -> None:
@@ -386,7 +387,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
                 self._reporter.tally("expired", channel, "delivery", _expired, expired, [channel])
             if payload is None:
                 assert waiter is not None
-                if shared:
+                if shared and not self._workers.take_now(channel):
                     self._workers.want(channel)
                 try:
                     payload = await waiter

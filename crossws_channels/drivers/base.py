@@ -227,6 +227,22 @@ class SupportsWorkerQueue(Protocol):
 
 
 @runtime_checkable
+class SupportsQueueTake(Protocol):
+    """A worker queue whose driver takes several items at a time (a batch the server
+    handed over together) and can give one at hand without waiting.
+
+    ``receive`` on a worker channel then asks for an item itself before it waits for the
+    layer's fetching task: for a consumer that keeps up, most messages are taken
+    synchronously, without waking a task.
+    """
+
+    def queue_take(self, channel: str, /) -> str | None:
+        """An item of ``channel`` this instance has already taken from the queue (it is
+        this instance's alone now), or ``None``. Synchronous, never raises, called on
+        the event loop ``listen`` runs on; what it returns counts as popped."""
+
+
+@runtime_checkable
 class SupportsTopics(Protocol):
     """Selective delivery: what is published on a topic reaches only the instances
     listening to it (``"routing": "groups"``).
@@ -270,6 +286,7 @@ class Capabilities:
     flush: bool
     topics: bool = False
     buffers: bool = False
+    take: bool = False
 
 
 _known: dict[type, Capabilities] = {}
@@ -290,5 +307,6 @@ def capabilities(driver: object) -> Capabilities:
             flush=isinstance(driver, SupportsFlush),
             topics=isinstance(driver, SupportsTopics),
             buffers=isinstance(driver, DeclaresBuffering) and driver.buffers is True,
+            take=isinstance(driver, SupportsQueueTake),
         )
     return found

@@ -27,7 +27,7 @@ from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost
 from .inlet import Inlet
 from .options import DRIVER_KEYS, NatsNames, NatsOptions
 from .queues import WorkerStreams
-from .reader import Handler, subscribe
+from .reader import Client, Handler, subscribe
 
 __all__ = ["NatsDriver"]
 
@@ -62,6 +62,7 @@ class NatsDriver:
         self.instance_id = instance_id
         self.names = NatsNames.for_channel(self.options.channel)
         self._direct = self.names.direct(instance_id)
+        self._broadcast = self.names.broadcast.encode()
         self._connection = Connection(self.options, f"crossws_channels:{instance_id}")
         self._queues = WorkerStreams(self._connection, self.names, self.options.stream_replicas)
         self._closed = False
@@ -85,7 +86,10 @@ class NatsDriver:
         if client is None or self._closed:
             self._require_open()
             client = await self._connection.get()
-        await self._send(client, self.names.broadcast, envelope.encode("utf-8"))
+        data = envelope.encode("utf-8")
+        if type(client) is Client and client.post(self._broadcast, data):
+            return  # the common case, without a coroutine of nats-py's
+        await self._send(client, self.names.broadcast, data)
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """Publish ``envelope`` on the subject only ``instance_id`` subscribes to."""
@@ -194,6 +198,12 @@ class NatsDriver:
     async def queue_pop(self, channel: str, timeout: float, /) -> str | None:
         self._require_open()
         return await self._queues.pop(channel, timeout)
+
+    def queue_take(self, channel: str, /) -> str | None:
+        """An item already pulled and acknowledged (pulls come in batches), or None."""
+        if self._closed:
+            return None
+        return self._queues.take(channel)
 
     async def queue_return(self, channel: str, item: str, /) -> None:
         self._require_open()

@@ -64,6 +64,13 @@ class Pulls:
         self._batch = 1  # how many to acknowledge at once (up to ACK_BATCH)
         self._handed = 0.0  # when the last message was handed to the layer
 
+    def take(self) -> str | None:
+        """An acknowledged message not handed over yet, or None (no waiting)."""
+        if self._taken:
+            self._handed = time.monotonic()
+            return self._taken.popleft()
+        return None
+
     async def pop(self, timeout: float) -> str | None:
         if self._taken:
             self._handed = time.monotonic()

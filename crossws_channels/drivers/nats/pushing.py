@@ -7,17 +7,23 @@ what tells ``send`` that the channel is full. So a sender waits only when it mus
 * While the channel is known to have room, pushes are *pipelined*: ``send`` returns once
   the message is written, and the acknowledgement is checked when it comes. "Known room"
   is the channel's capacity less what the stream held at the last look (the answer when
-  the stream was made, or a ``STREAM.INFO`` every so many pushes) less what this sender
-  pushed since. Only the first half of the capacity is used this way, and at most
-  ``WINDOW`` pushes are unacknowledged at once, so that several senders bursting at once
-  rarely overrun it.
-* Past that half, and for small capacities (under ``PIPELINE_FROM``, where one push more
-  is a fraction that matters), every push waits for its acknowledgement: the server's
-  "maximum messages exceeded" makes ``send`` raise ``ChannelFull`` exactly at capacity.
-* If a pipelined push is refused all the same (more senders than the half allows for),
-  the message is kept, in order, and pushed again as room frees up, until its expiry;
-  meanwhile this sender's pushes to the channel return False (``ChannelFull``), as the
-  channel is full. Nothing ``send`` accepted is dropped for want of room.
+  the stream was made, or a ``STREAM.INFO`` when the room is used up) less what this
+  sender pushed since. Receivers only ever take messages out, so for a channel with one
+  sender that room is never more than the real one. At most ``WINDOW`` pushes are
+  unacknowledged at once.
+* When a look finds the channel full, and for small capacities (under ``PIPELINE_FROM``,
+  where one push more is a fraction that matters), every push waits for its
+  acknowledgement: the server's "maximum messages exceeded" makes ``send`` raise
+  ``ChannelFull`` exactly at capacity.
+* If a pipelined push is refused all the same (several senders each counted the same
+  room), the message is kept, in order, and pushed again as room frees up, until its
+  expiry; meanwhile this sender's pushes to the channel return False (``ChannelFull``),
+  as the channel is full. Nothing ``send`` accepted is dropped for want of room.
+
+Why not stop at half the capacity, so that several senders rarely overrun it: the
+receivers' pull requests keep messages coming ahead of ``receive``, and those count in the
+stream until they are acknowledged, so a busy channel is more than half full most of the
+time, and every push would wait for a round trip.
 
 A push that gets no acknowledgement within ``ACK_TIMEOUT`` (the connection broke) may or
 may not be stored; it is reported, as a failed awaited push is.
@@ -110,13 +116,13 @@ class Pushes:
         if self._held:
             return False
         if capacity >= PIPELINE_FROM:
-            half = capacity // 2
-            if self._stored + self._since >= half and self._awaited_until_look <= 0:
+            if self._stored + self._since >= capacity and self._awaited_until_look <= 0:
                 await self._look()
-                if self._stored + self._since >= half:
-                    # Half full: don't pay a look for every push that follows.
+                if self._stored + self._since >= capacity:
+                    # Full: the pushes that follow wait for their answers (which say
+                    # whether there is room) rather than each pay for a look.
                     self._awaited_until_look = LOOK_EVERY
-            if self._stored + self._since < half:
+            if self._stored + self._since < capacity:
                 while len(self._unacked) >= WINDOW:
                     await self._settle_oldest()
                 await self._pipeline(data, expires)
@@ -213,7 +219,7 @@ class Pushes:
             )
             self._stored = int(answer.json()["state"]["messages"])
         except Exception:
-            # Can't tell: push as if the channel were half full (waiting for each ack).
+            # Can't tell: push as if the channel were full (waiting for each ack).
             self._stored = UNKNOWN
 
     # Held back

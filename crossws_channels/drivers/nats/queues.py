@@ -39,6 +39,10 @@ ACK_WAIT = 10.0
 STREAM_NAME_IN_USE = 10058
 REQUEST_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 2.0
+# A receiver of a channel with no stream yet (nothing was ever sent to it) looks again
+# after this long, then twice as long each time up to the most: the first message sent
+# is picked up within that, not a whole pop timeout later.
+ABSENT_FIRST, ABSENT_MOST = 0.01, 0.25
 
 
 class WorkerStreams:
@@ -53,6 +57,7 @@ class WorkerStreams:
         self._capacity: dict[str, int] = {}
         self._pushes: dict[str, Pushes] = {}
         self._pulls: dict[str, Pulls] = {}
+        self._absent: dict[str, float] = {}  # channels with no stream: the next wait
         # Where a failure the driver handles itself goes (the layer's, once listening).
         self.report: Callable[[Exception], None] = _log
 
@@ -137,13 +142,22 @@ class WorkerStreams:
     async def pop(self, channel: str, timeout: float) -> str | None:
         pulls = await self._pulls_for(channel)
         if pulls is None:
-            await asyncio.sleep(timeout)  # no stream yet: nothing was ever sent
+            # No stream yet: nothing was ever sent. Look again soon.
+            wait = self._absent.get(channel, ABSENT_FIRST)
+            self._absent[channel] = min(wait * 2, ABSENT_MOST)
+            await asyncio.sleep(min(wait, timeout))
             return None
+        self._absent.pop(channel, None)
         item = await pulls.pop(timeout)
         if pulls.gone:
             # The stream or its consumer was deleted (a flush elsewhere): look it up again.
             self._forget_pulls(channel)
         return item
+
+    def take(self, channel: str) -> str | None:
+        """An item of ``channel`` acknowledged and not handed over yet, or None."""
+        pulls = self._pulls.get(channel)
+        return None if pulls is None else pulls.take()
 
     async def _pulls_for(self, channel: str) -> Pulls | None:
         from nats.js.errors import NotFoundError

@@ -21,6 +21,7 @@ way either way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -64,6 +65,33 @@ class Client(NatsClient):
         super().__init__()
         self.handlers: dict[int, Handler] = {}
         self._ps = Reader(self)
+
+    def post(self, subject: bytes, payload: bytes) -> bool:
+        """What ``publish(subject, payload)`` does while connected, without a coroutine:
+        the PUB appended to the write buffer, the flusher woken. ``subject`` is valid
+        and encoded (the driver's own). False, with nothing done, when ``publish`` must
+        do it: not connected, ``payload`` over ``max_payload``, or the buffer full
+        enough that it would write before returning."""
+        size = len(payload)
+        flusher = self._flusher_task
+        if (
+            self._status != NatsClient.CONNECTED
+            or size > self._max_payload
+            or self._pending_data_size + size > self._max_pending_size
+            or flusher is None
+            or flusher.done()
+        ):
+            return False
+        command = b"PUB %b %d\r\n%b\r\n" % (subject, size, payload)
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
+        queue = self._flush_queue
+        if queue is not None and queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return True
 
     async def _process_pong(self) -> None:
         # nats-py (2.16) completes the oldest PING's future even if its flush() gave up

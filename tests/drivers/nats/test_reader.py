@@ -77,6 +77,29 @@ async def test_messages_of_every_size_reach_the_handler_in_order_and_intact(
         await reader.close()
 
 
+async def test_post_writes_what_publish_would_and_leaves_the_rest_to_it(nats_url: str) -> None:
+    subject = f"reader.{uuid.uuid4().hex}"
+    writer, reader = await _client(nats_url), await _client(nats_url)
+    got: Received = []
+    try:
+        await subscribe(reader, subject, _recorder(got))
+        await reader.flush()
+        assert all(writer.post(subject.encode(), b"m%d" % n) for n in range(1000))
+        # Over max_payload: not posted, for publish to refuse (or the driver to split).
+        assert not writer.post(subject.encode(), b"x" * (writer.max_payload + 1))
+        await writer.flush()
+        for _ in range(100):
+            if len(got) == 1000:
+                break
+            await asyncio.sleep(0.05)
+        assert [data for _, _, data, _ in got] == [b"m%d" % n for n in range(1000)]
+        await writer.close()
+        assert not writer.post(subject.encode(), b"closed")
+    finally:
+        await writer.close()
+        await reader.close()
+
+
 def _frames() -> tuple[bytes, Received]:
     """A stream of server traffic, and the messages of sid 7 in it."""
     expected: Received = []

@@ -96,3 +96,17 @@ async def test_a_burst_is_stored_by_the_time_the_layer_closes(
     receiver = make_layer(**config)
     assert sorted(await _drain(receiver, "tail")) == list(range(300))
     await drop_streams_async(nats_url, receiver.config.channel)
+
+
+async def test_a_receiver_of_a_channel_never_sent_to_looks_again_soon(nats_url: str) -> None:
+    """No stream yet: a pop returns after a short wait rather than its whole timeout, so a
+    worker started before anything was sent picks up the first message at once."""
+    from crossws_channels.drivers.nats import NatsDriver
+
+    driver = NatsDriver("absent12345", {"channel": f"absent-{time.time_ns()}", "url": nats_url})
+    try:
+        started = time.monotonic()
+        assert await driver.queue_pop("never-sent", 5.0) is None
+        assert time.monotonic() - started < 2.5
+    finally:
+        await driver.close()
