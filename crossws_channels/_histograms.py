@@ -26,17 +26,26 @@ FANOUT_BOUNDS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 class Histogram:
     """Counts of observations per bucket (``value <= bound``), their sum and number."""
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    def __init__(self, bounds: tuple[float, ...], *, threads: bool = True) -> None:
+        """``threads=False``: observed from one thread only (read from any), so
+        observing takes no lock; a snapshot may then see the sum a moment apart from
+        the counts."""
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)  # the last one: above every bound
         self._sum = 0.0
         self._lock = threading.Lock()
+        if not threads:
+            self.observe = self._observe_unlocked  # type: ignore[method-assign]
 
     def observe(self, value: float) -> None:
         index = bisect_left(self.bounds, value)
         with self._lock:
             self._counts[index] += 1
             self._sum += value
+
+    def _observe_unlocked(self, value: float) -> None:
+        self._counts[bisect_left(self.bounds, value)] += 1
+        self._sum += value
 
     def snapshot(self) -> dict[str, Any]:
         """``buckets``: [bound, cumulative count] pairs, "+Inf" last, as Prometheus has them."""
@@ -54,7 +63,8 @@ class Histograms:
     """The layer's histograms, by name."""
 
     def __init__(self) -> None:
-        self.relay_lag = Histogram(LAG_BOUNDS)
+        # Observed by the backplane's subscription only, on the home loop: per message.
+        self.relay_lag = Histogram(LAG_BOUNDS, threads=False)
         self.fanout = Histogram(FANOUT_BOUNDS)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

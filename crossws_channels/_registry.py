@@ -25,7 +25,6 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -101,15 +100,17 @@ class Mailbox:
         return (sender, self.name, state.seen, max(0, self.capacity - len(self.items)))
 
 
-@dataclass
 class GroupDelivery:
     """What a group fan-out did."""
 
-    delivered: int = 0
-    full: list[str] = field(default_factory=list)
-    # Worker channels in the group, when worker channels live in the backplane: the
-    # layer pushes to them there instead of into a local mailbox.
-    shared: list[str] = field(default_factory=list)
+    __slots__ = ("delivered", "full", "shared")
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.full: list[str] = []
+        # Worker channels in the group, when worker channels live in the backplane: the
+        # layer pushes to them there instead of into a local mailbox.
+        self.shared: list[str] = []
 
 
 class Registry:

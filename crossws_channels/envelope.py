@@ -21,6 +21,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -223,6 +224,43 @@ Fields = tuple[str, str, str, "str | bytes", "int | None", "float | None", bool,
 _scan = _decoder.scan_once  # type: ignore[attr-defined]
 
 
+# An envelope exactly as a layer instance writes it (encode_frame): read by position,
+# which costs a third less than building the whole JSON document. Anything else (another
+# order of keys, whitespace, binary data, an id that needs escapes) goes to the JSON
+# decoder; the two read the same text the same way.
+_LAYOUT_HEAD = re.compile(
+    r'\{"id":"([A-Za-z0-9]+)","msg":\{"namespace":"([^"\\\x00-\x1f]*)",'
+    r'"topic":"([^"\\\x00-\x1f]*)","binary":false,"data":"'
+)
+_INT = r"(0|[1-9][0-9]*)"
+_LAYOUT_TAIL = re.compile(
+    r'\}(?:,"seq":' + _INT + r")?"
+    r'(?:,"exp":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?))?'
+    r'(,"ask":true)?(?:,"ts":' + _INT + r")?\}"
+)
+
+
+def _by_layout(raw: str) -> Fields | None:
+    head = _LAYOUT_HEAD.match(raw)
+    if head is None:
+        return None
+    data, end = scanstring(raw, head.end())
+    tail = _LAYOUT_TAIL.fullmatch(raw, end)
+    if tail is None:
+        return None
+    seq, expires, ask, sent = tail.group(1, 2, 3, 4)
+    return (
+        head[1],
+        head[2],
+        head[3],
+        data,
+        None if seq is None else int(seq),
+        None if expires is None else float(expires),
+        ask is not None,
+        int(sent) / 1e6 if sent is not None and sent != "0" else None,
+    )
+
+
 def decode_fields(raw: str | bytes | bytearray | memoryview) -> Fields | None:
     """:func:`decode_envelope`'s fields as a tuple, without the objects around them: what
     the layer reads every relayed message with (building the two frozen dataclasses
@@ -230,6 +268,9 @@ def decode_fields(raw: str | bytes | bytearray | memoryview) -> Fields | None:
     try:
         if not isinstance(raw, str):
             raw = bytes(raw).decode("utf-8")
+        fields = _by_layout(raw)
+        if fields is not None:
+            return fields
         if raw[:1] == "{":
             parsed, end = _scan(raw, 0)
             if end != len(raw):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -246,3 +247,54 @@ def test_byte_for_byte_equal_to_crossws_in_node() -> None:
             ]
         )
     assert result["decoded"] == mine
+
+
+def test_envelopes_in_the_layers_own_layout_read_as_the_json_decoder_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """decode_fields reads a layer's own envelopes by position; on every text, valid or
+    broken, it agrees with the JSON decoder alone."""
+    import random
+
+    from crossws_channels import envelope
+
+    rng = random.Random(5)
+    chars = ["a", "Z", "0", '"', "\\", "\n", "\x01", "\u00e9", "\ud800", "\U0001f600", " ", "u"]
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(0, n)))
+
+    by_layout = envelope._by_layout
+    read_by_layout = 0
+    for _ in range(5000):
+        msg = SyncMessage(
+            rng.choice(["", "ns", text(3)]),
+            rng.choice(["g", "!x", text(6)]),
+            rng.choice([text(40), rng.randbytes(5), ""]),
+        )
+        extras: dict[str, Any] = {}
+        if rng.random() < 0.7:
+            extras["seq"] = rng.choice([0, 1, 10**12])
+        if rng.random() < 0.3:
+            extras["expires"] = rng.choice([0.0, 12.5, 1.7e9 + rng.random(), -3.0, 1e300, 1e-7])
+        if rng.random() < 0.2:
+            extras["ask"] = True
+        if rng.random() < 0.5:
+            extras["sent"] = rng.choice([0, 1, 1796347133398386])
+        raw = encode_frame(rng.choice(["abc123", "A", text(5)]), msg, **extras)
+        if rng.random() < 0.3:
+            at = rng.randrange(len(raw))
+            raw = (
+                raw[:at]
+                + rng.choice(["", " ", "}", '"', ',"x":1', "\\u12", "0", "-"])
+                + raw[at + 1 :]
+            )
+        fast = envelope.decode_fields(raw)
+        monkeypatch.setattr(envelope, "_by_layout", lambda _: None)
+        assert envelope.decode_fields(raw) == fast, raw
+        monkeypatch.setattr(envelope, "_by_layout", by_layout)
+        try:
+            read_by_layout += by_layout(raw) is not None
+        except ValueError:
+            pass
+    assert read_by_layout > 1000  # the layout's own path was taken, often
