@@ -288,6 +288,11 @@ class Backplane:
 
     # Driver calls from any loop
 
+    def publish_now(self, target: str | None, text: str) -> bool:
+        """Publish one envelope synchronously if the driver can take it so now (see
+        ``Outbox.publish_now``); False, doing nothing, otherwise: then :meth:`publish`."""
+        return self._outbox.publish_now(target, text)
+
     async def publish(self, target: str | None, text: str) -> None:
         """Queue one envelope for relaying. Never raises for backplane failures."""
         if self._home.loop is not asyncio.get_running_loop():

@@ -92,7 +92,10 @@ class Delivery:
             group, item, now + self._expiry, now - self._group_expiry, flow, now
         )
         if result.delivered:
-            self._stats.incr("delivered", result.delivered)
+            if flow is None:
+                self._stats.incr("delivered", result.delivered)
+            else:  # relayed: on the home loop
+                self._stats.incr_home("delivered", result.delivered)
         fanout = self._fanout
         if fanout is not None:
             reached = result.delivered + len(result.full) + len(result.shared)

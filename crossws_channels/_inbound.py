@@ -277,7 +277,7 @@ class Inbound:
             if topic[:1] == "!":
                 self._on_control(sender, topic, data)
             return None
-        self._stats.incr("relayed_in")
+        self._stats.incr_home("relayed_in")
         if sent is not None and self._lag is not None:
             # Clocks of different hosts differ: a message can't arrive before it was sent.
             self._lag.observe(max(0.0, time.time() - sent))

@@ -78,6 +78,10 @@ class SequenceGaps:
         sender could have reached (then nothing is recorded)."""
         key = sender if stream is None else stream
         last = self._last.get(key)
+        if last is not None and seq == last + 1:  # the usual case: the next one
+            self._last[key] = seq
+            self._last.move_to_end(key)
+            return 0
         if last is not None and seq - last > MAX_PLAUSIBLE_GAP:
             return None
         self._last[key] = max(seq, last or 0)

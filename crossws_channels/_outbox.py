@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,6 +25,7 @@ from .drivers.base import (
     SubscribingDriver,
     SupportsBatch,
     SupportsDirect,
+    SupportsPublishNow,
     SupportsTopics,
     Topic,
     capabilities,
@@ -74,9 +76,30 @@ class Outbox:
         self._room: asyncio.Future[None] | None = None
         # The flusher's driver, when its publishing only buffers (DeclaresBuffering).
         self._buffering: Driver | SubscribingDriver | None = None
+        # Its synchronous publishing, when it has that too (SupportsPublishNow).
+        self._publish_now: Callable[[str | None, str], bool] | None = None
         self._inline = 0
 
     # Producers
+
+    def publish_now(self, target: str | None, text: str) -> bool:
+        """:meth:`publish` in its common case, without a coroutine: True if the driver
+        took the envelope synchronously; False, doing nothing, otherwise (then await
+        :meth:`publish`)."""
+        now = self._publish_now
+        if (
+            now is None
+            or not self._idle
+            or self._queue
+            or self._inline >= INLINE_RUN - 1  # publish() lets the client write now
+            or self._outage.active
+            or asyncio.events._get_running_loop() is not self._home.loop
+            or not now(target, text)
+        ):
+            return False
+        self._inline += 1
+        self._stats.incr("published")
+        return True
 
     async def publish(self, target: str | None, text: str) -> None:
         """Queue one envelope (for instance ``target``, or every instance). Never raises
@@ -171,11 +194,14 @@ class Outbox:
         """Send what is queued, batch after batch, until :meth:`finish` and empty."""
         loop = asyncio.get_running_loop()
         self._closing = False
-        self._buffering = driver if capabilities(driver).buffers else None
+        can = capabilities(driver)
+        self._buffering = driver if can.buffers else None
+        if can.publish_now:
+            self._publish_now = cast(SupportsPublishNow, driver).publish_now
         try:
             await self._flush_until_finished(loop, driver)
         finally:
-            self._buffering = None
+            self._buffering = self._publish_now = None
 
     async def _flush_until_finished(
         self, loop: asyncio.AbstractEventLoop, driver: Driver | SubscribingDriver

@@ -96,14 +96,24 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        # Bumped by the backplane's subscription only, on the home loop's thread.
+        self._home: Counter[str] = Counter()
 
     def incr(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[name] += amount
 
+    def incr_home(self, name: str, amount: int = 1) -> None:
+        """:meth:`incr` from the home loop's thread, and no other: no lock to take, for
+        what is counted per relayed message."""
+        self._home[name] += amount
+
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._counts)
+            counts = dict(self._counts)
+        for name, amount in list(self._home.items()):  # copied at once, under the GIL
+            counts[name] = counts.get(name, 0) + amount
+        return counts
 
 
 class _HasLoop(Protocol):

@@ -459,10 +459,13 @@ class BackplaneChannelLayer(BaseChannelLayer):
             self._delivery.to_group(group, payload)
         routes = self._routes
         if routes is None:
-            await backplane.publish(None, self._frames.broadcast(group, payload))
+            topic = None
+            frame = self._frames.broadcast(group, payload)
         else:
             topic = routes.topic_of(group)
-            await backplane.publish(topic, self._frames.routed(topic, group, payload))
+            frame = self._frames.routed(topic, group, payload)
+        if not backplane.publish_now(topic, frame):
+            await backplane.publish(topic, frame)
 
     def _remember_valid_group(self, group: str) -> None:
         """Validate ``group`` (TypeError if it isn't a valid name), and remember it: a

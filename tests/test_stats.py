@@ -123,3 +123,27 @@ async def test_sizes(make_layer: Any) -> None:
     assert (stats["channels"], stats["queued"], stats["receivers"]) == (2, 1, 1)
     assert (stats["groups"], stats["memberships"]) == (2, 3)
     waiting.cancel()
+
+
+def test_counts_from_the_home_loop_and_from_threads_add_up() -> None:
+    """What the subscription counts without a lock and what any thread counts with one
+    show as one number."""
+    import threading
+
+    from crossws_channels._reporting import Stats
+
+    stats = Stats()
+
+    def count() -> None:
+        for _ in range(1000):
+            stats.incr("delivered")
+
+    threads = [threading.Thread(target=count) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in range(1000):
+        stats.incr_home("delivered")
+        stats.incr_home("relayed_in", 2)
+    for thread in threads:
+        thread.join()
+    assert stats.snapshot() == {"delivered": 5000, "relayed_in": 2000}

@@ -183,6 +183,19 @@ class DeclaresBuffering(Protocol):
 
 
 @runtime_checkable
+class SupportsPublishNow(Protocol):
+    """A buffering driver (``buffers = True``) whose publishing can also be done without
+    a coroutine: the layer tries it first when it would publish from the sending task.
+    A ``group_send`` then costs no coroutine below the layer's own."""
+
+    def publish_now(self, target: str | Topic | None, envelope: str, /) -> bool:
+        """What ``publish`` (``target`` None), ``publish_to`` (an instance id) or
+        ``publish_topic`` (a :class:`Topic`) would do, done synchronously; False, doing
+        nothing, when it can't be done that way now (then the layer awaits the method).
+        Never raises; called on the event loop ``listen`` runs on."""
+
+
+@runtime_checkable
 class SupportsDirect(Protocol):
     """Send to one instance only (a ``send`` to a channel another instance owns).
 
@@ -287,6 +300,7 @@ class Capabilities:
     topics: bool = False
     buffers: bool = False
     take: bool = False
+    publish_now: bool = False
 
 
 _known: dict[type, Capabilities] = {}
@@ -308,5 +322,8 @@ def capabilities(driver: object) -> Capabilities:
             topics=isinstance(driver, SupportsTopics),
             buffers=isinstance(driver, DeclaresBuffering) and driver.buffers is True,
             take=isinstance(driver, SupportsQueueTake),
+            publish_now=isinstance(driver, SupportsPublishNow)
+            and isinstance(driver, DeclaresBuffering)
+            and driver.buffers is True,
         )
     return found

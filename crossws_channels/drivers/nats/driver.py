@@ -91,6 +91,19 @@ class NatsDriver:
             return  # the common case, without a coroutine of nats-py's
         await self._send(client, self.names.broadcast, data)
 
+    def publish_now(self, target: str | None, envelope: str, /) -> bool:
+        """Publish without a coroutine when the driver's own client is connected."""
+        client = self._connection.ready
+        if type(client) is not Client or self._closed:
+            return False
+        if target is None:
+            subject = self._broadcast
+        elif type(target) is Topic:
+            subject = self.names.topic(target).encode()
+        else:
+            subject = self.names.direct(target).encode()
+        return client.post(subject, envelope.encode("utf-8"))
+
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """Publish ``envelope`` on the subject only ``instance_id`` subscribes to."""
         self._require_open()

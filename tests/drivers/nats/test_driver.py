@@ -207,3 +207,34 @@ async def test_a_layer_closed_right_after_its_first_sends_hears_their_acknowledg
     got = [await asyncio.wait_for(receiver.receive("jobs"), 10) for _ in range(5)]
     assert [m["n"] for m in got] == list(range(5))
     await drop_streams_async(nats_url, sender.config.channel)
+
+
+async def test_group_sends_from_the_home_loop_publish_without_a_coroutine(
+    nats_url: str, make_layer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nats driver takes a group_send synchronously (SupportsPublishNow): its
+    publish() coroutine runs only when the sender yields, every INLINE_RUN messages;
+    every message arrives once, in order."""
+    from crossws_channels._outbox import INLINE_RUN
+
+    calls = 0
+    publish = NatsDriver.publish
+
+    async def counting(self: NatsDriver, envelope: str) -> None:
+        nonlocal calls
+        calls += 1
+        await publish(self, envelope)
+
+    monkeypatch.setattr(NatsDriver, "publish", counting)
+    config = {"driver": "nats", "url": nats_url, "capacity": 10_000}
+    sender, receiver = make_layer(**config), make_layer(**config)
+    member = await receiver.new_channel()
+    await receiver.group_add("g", member)
+    await sender.new_channel()
+    calls = 0
+    count = 10 * INLINE_RUN
+    for n in range(count):
+        await sender.group_send("g", {"type": "n", "n": n})
+    got = [(await asyncio.wait_for(receiver.receive(member), 5))["n"] for _ in range(count)]
+    assert got == list(range(count))
+    assert calls <= 2 * count // INLINE_RUN
