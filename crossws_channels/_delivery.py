@@ -53,10 +53,19 @@ class Delivery:
         # How many members a group message reached here (where it reached any).
         self._fanout = fanout
 
-    def to_group(self, group: str, payload: Payload, flow: InboundFlow | None = None) -> None:
+    def to_group(
+        self,
+        group: str,
+        payload: Payload,
+        flow: InboundFlow | None = None,
+        members: int | None = None,
+    ) -> None:
         """Deliver to the members of ``group`` here; with ``flow``, a relayed message that
-        may hold up the backplane for full members that read (see ``_flow``)."""
-        item = self._item(payload, self._registry.member_count(group), group)
+        may hold up the backplane for full members that read (see ``_flow``).
+        ``members``: how many the group has here, if the caller just looked."""
+        if members is None:
+            members = self._registry.member_count(group)
+        item = payload if members <= 1 else self._item(payload, members, group)
         if item is not None:
             self._put(group, payload, item, flow, monotonic())
 
@@ -100,7 +109,10 @@ class Delivery:
         if fanout is not None:
             reached = result.delivered + len(result.full) + len(result.shared)
             if reached:
-                fanout.observe(reached)
+                if flow is None:
+                    fanout.observe(reached)
+                else:  # relayed: on the home loop
+                    fanout.observe_home(reached)
         if result.full:
             self._stats.incr("dropped.full", len(result.full))
             self._reporter.tally(

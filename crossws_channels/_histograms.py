@@ -1,9 +1,9 @@
 """Distributions a counter can't show: relay lag and group fan-out.
 
 Each is a fixed set of bucket bounds and a count per bucket, cheap enough to observe on
-every message (a bisection and an increment under a lock). ``stats()["histograms"]``
-shows them; the Prometheus export (``crossws_channels.prometheus``) turns them into
-Prometheus histograms.
+every message (a bisection and an increment: under a lock, or on the home loop without
+one). ``stats()["histograms"]`` shows them; the Prometheus export
+(``crossws_channels.prometheus``) turns them into Prometheus histograms.
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ class Histogram:
     """Counts of observations per bucket (``value <= bound``), their sum and number."""
 
     def __init__(self, bounds: tuple[float, ...], *, threads: bool = True) -> None:
-        """``threads=False``: observed from one thread only (read from any), so
-        observing takes no lock; a snapshot may then see the sum a moment apart from
-        the counts."""
+        """``threads=False``: observed from the home loop's thread only (read from any),
+        so :meth:`observe` takes no lock."""
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)  # the last one: above every bound
         self._sum = 0.0
         self._lock = threading.Lock()
+        # What the home loop's thread observed without the lock (observe_home); a
+        # snapshot adds it in, and may see its sum a moment apart from its counts.
+        self._home_counts = [0] * (len(bounds) + 1)
+        self._home_sum = 0.0
         if not threads:
-            self.observe = self._observe_unlocked  # type: ignore[method-assign]
+            self.observe = self.observe_home  # type: ignore[method-assign]
 
     def observe(self, value: float) -> None:
         index = bisect_left(self.bounds, value)
@@ -43,14 +46,18 @@ class Histogram:
             self._counts[index] += 1
             self._sum += value
 
-    def _observe_unlocked(self, value: float) -> None:
-        self._counts[bisect_left(self.bounds, value)] += 1
-        self._sum += value
+    def observe_home(self, value: float) -> None:
+        """:meth:`observe` from the home loop's thread, and no other: no lock."""
+        self._home_counts[bisect_left(self.bounds, value)] += 1
+        self._home_sum += value
 
     def snapshot(self) -> dict[str, Any]:
         """``buckets``: [bound, cumulative count] pairs, "+Inf" last, as Prometheus has them."""
         with self._lock:
             counts, total = list(self._counts), self._sum
+        home = list(self._home_counts)
+        counts = [a + b for a, b in zip(counts, home, strict=True)]
+        total += self._home_sum
         buckets: list[list[Any]] = []
         running = 0
         for bound, count in zip((*self.bounds, "+Inf"), counts, strict=True):

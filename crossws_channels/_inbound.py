@@ -307,10 +307,11 @@ class Inbound:
             except Exception as exc:
                 self._reporter.drop_malformed(f"a relayed message for {topic!r}: {exc}")
                 return None
-        if not self._registry.member_count(topic):
+        members = self._registry.member_count(topic)
+        if not members:
             return None  # none of the group's members are here
         flow = self._flow
-        self._delivery.to_group(topic, payload, flow)
+        self._delivery.to_group(topic, payload, flow, members)
         return flow.finish()
 
     def _valid_group(self, topic: str) -> bool:

@@ -132,8 +132,8 @@ class Reader(Parser):
         end = len(data)
         pos = 0
         handlers = self._handlers
-        stats = self._stats
         nc = self.nc
+        taken = taken_bytes = 0  # added to the client's stats once, after the loop
         while pos < end:
             headed = data.startswith(b"HMSG ", pos)
             if headed or data.startswith(b"MSG ", pos):
@@ -178,13 +178,17 @@ class Reader(Parser):
             if handler is None:
                 await nc._process_msg(sid, subject, reply, payload, headers)
                 continue
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(payload)
+            taken += 1
+            taken_bytes += len(payload)
             parsed = None if headers is None else await nc._process_headers(headers)
             try:
                 handler(subject, reply, payload, parsed)
             except Exception:
                 logger.exception("a nats message handler failed")
+        if taken:
+            stats = self._stats
+            stats["in_msgs"] += taken
+            stats["in_bytes"] += taken_bytes
         if pos < end:
             # An incomplete frame: kept for the next read (the buffer is empty here).
             buf += data[pos:] if pos else data
