@@ -65,7 +65,7 @@ class Delivery:
         ``members``: how many the group has here, if the caller just looked."""
         if members is None:
             members = self._registry.member_count(group)
-        item = payload if members <= 1 else self._item(payload, members, group)
+        item = self._item(payload, members, group)
         if item is not None:
             self._put(group, payload, item, flow, monotonic())
 

@@ -34,6 +34,7 @@ from ._flow import InboundFlow
 from ._frames import GROUPS, Frames, unpack_groups
 from ._health import Outage
 from ._histograms import Histogram
+from ._known import KnownNames
 from ._monitor import (
     HEARTBEAT,
     PING,
@@ -61,8 +62,6 @@ __all__ = ["GROUP_ADD", "GROUP_DISCARD", "Inbound"]
 GROUP_ADD = "!add"
 GROUP_DISCARD = "!discard"
 INSTANCE_ID_LENGTH = 12
-# Group names of relayed messages found valid; forgotten all at once when full.
-VALID_GROUPS_KEPT = 10_000
 # Pings answered: far more than operators' tools send (a check or a status page asks
 # every few seconds), far fewer than a flood.
 PING_ANSWERS_PER_SECOND = 10.0
@@ -190,7 +189,7 @@ class Inbound:
         # How far into an envelope of ours the control marker can be: right after our
         # id and namespace, which are fixed.
         self._echo_scan = prefix.index(self._control_text) + len(self._control_text)
-        self._valid_groups: set[str] = set()
+        self._valid_groups = KnownNames()  # of relayed messages
 
     # The Deliver protocol
 
@@ -318,9 +317,7 @@ class Inbound:
         """Whether ``topic`` is a valid group name, remembering those that are."""
         if not _names.group_name_regex.match(topic) or len(topic) >= _names.MAX_NAME_LENGTH:
             return False
-        if len(self._valid_groups) >= VALID_GROUPS_KEPT:
-            self._valid_groups.clear()
-        self._valid_groups.add(topic)
+        self._valid_groups.remember(topic)
         return True
 
     def _on_groups(

@@ -115,7 +115,7 @@ class Outbox:
             if buffering is not None and self._idle and not self._queue and not self._outage.active:
                 # Nothing waits to be relayed and publishing can't block: publish now
                 # rather than wake the flusher for one message (a turn of the loop).
-                await self._send_now(buffering, target, text)
+                await self._send(buffering, [_Outgoing(target, text)])
                 self._inline += 1
                 if self._inline >= INLINE_RUN:
                     # A sender in a loop would never yield: let the client write what it
@@ -260,28 +260,6 @@ class Outbox:
             self._stats.incr("published", sent)
             for item in batch:
                 item.release()
-
-    async def _send_now(
-        self, driver: Driver | SubscribingDriver, target: str | None, text: str
-    ) -> None:
-        """:meth:`_send` of one message, while no outage is under way (nothing to end)."""
-        try:
-            if target is None:
-                await driver.publish(text)
-            elif type(target) is Topic:
-                await cast(SupportsTopics, driver).publish_topic(target, text)
-            elif capabilities(driver).direct:
-                await cast(SupportsDirect, driver).publish_to(target, text)
-            else:
-                await driver.publish(text)
-        except asyncio.CancelledError:
-            self._stats.incr("dropped.publish")
-            raise
-        except Exception as exc:
-            self._stats.incr("dropped.publish")
-            self._reporter.failed(self._outage, exc, "publish")
-        else:
-            self._stats.incr("published")
 
     async def drain(self, driver: Driver | SubscribingDriver) -> None:
         """Send what is still queued, within a bound, before the driver closes."""

@@ -151,11 +151,7 @@ class WorkerChannels:
         """Return what a cancelled receive held to the head of ``channel``'s queue."""
         payload = serialize.dumps(item.message) if isinstance(item, serialize.Template) else item
         text, _ = self._item(channel, payload)
-
-        async def give_back() -> None:
-            await self._queue().queue_return(channel, text)
-
-        self._spawn(give_back, f"return an item to {channel!r}")
+        self.give_back_item(channel, text)
 
     def _queue(self) -> SupportsWorkerQueue:
         driver = self._driver
@@ -273,8 +269,7 @@ class WorkerChannels:
             # Dropped (expired, malformed): the receiver still waits for another.
 
     def give_back_item(self, channel: str, item: str) -> None:
-        """Put an item the driver handed over back at the head of the queue, in the
-        background."""
+        """Put a queue item back at the head of ``channel``'s queue, in the background."""
 
         async def give_back() -> None:
             await self._queue().queue_return(channel, item)

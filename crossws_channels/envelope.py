@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from json.encoder import encode_basestring
@@ -96,26 +97,7 @@ def encode_envelope(instance_id: str, msg: SyncMessage) -> str:
     The text is exactly what crossws's ``encodeEnvelope(id, msg)`` returns for the same
     values: keys in the same order, no spaces, binary data as standard base64.
     """
-    data = msg.data
-    if isinstance(data, str):
-        binary = "false"
-        encoded = _json_string(data)
-    else:
-        binary = "true"
-        encoded = '"' + base64.b64encode(data).decode("ascii") + '"'
-    return (
-        '{"id":'
-        + _json_string(instance_id)
-        + ',"msg":{"namespace":'
-        + _json_string(msg.namespace)
-        + ',"topic":'
-        + _json_string(msg.topic)
-        + ',"binary":'
-        + binary
-        + ',"data":'
-        + encoded
-        + "}}"
-    )
+    return encode_frame_after(frame_head(instance_id, msg.namespace, msg.topic), msg.data)
 
 
 def encode_frame(
@@ -178,7 +160,30 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+def json_reader(decoder: json.JSONDecoder) -> Callable[[str], Any]:
+    """``decoder.decode``, faster for text that is one object and nothing around it (what
+    a layer writes): the decoder's two regular-expression matches for whitespace before
+    and after the value are skipped. Anything else goes to ``decode``, which reads it,
+    or raises, as it always does."""
+    scan = decoder.scan_once  # type: ignore[attr-defined]
+    decode = decoder.decode
+
+    def read(text: str) -> Any:
+        if text[:1] == "{":
+            try:
+                value, end = scan(text, 0)
+            except (StopIteration, ValueError):
+                pass  # not JSON: decode() says why
+            else:
+                if end == len(text):
+                    return value
+        return decode(text)
+
+    return read
+
+
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_read_json = json_reader(_decoder)
 _B64_WHITESPACE = re.compile(r"[\t\n\f\r ]")
 _B64_ALPHABET = re.compile(r"[A-Za-z0-9+/]*")
 
@@ -219,9 +224,6 @@ def decode_envelope(raw: str | bytes | bytearray | memoryview) -> Envelope | Non
 # What decode_fields returns: the id, the message's namespace, topic and data, then seq,
 # expires, ask and sent (as in Envelope).
 Fields = tuple[str, str, str, "str | bytes", "int | None", "float | None", bool, "float | None"]
-
-# The decoder's scanner: decode() without its checks for whitespace around the value.
-_scan = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 # An envelope exactly as a layer instance writes it (encode_frame): read by position,
@@ -271,12 +273,7 @@ def decode_fields(raw: str | bytes | bytearray | memoryview) -> Fields | None:
         fields = _by_layout(raw)
         if fields is not None:
             return fields
-        if raw[:1] == "{":
-            parsed, end = _scan(raw, 0)
-            if end != len(raw):
-                parsed = _decoder.decode(raw)  # whitespace after it, or extra data
-        else:
-            parsed = _decoder.decode(raw)
+        parsed = _read_json(raw)
         if type(parsed) is not dict:
             return None
         instance_id = parsed.get("id")

@@ -46,6 +46,7 @@ from ._inbound import (
     envelope_limit,
     owner,
 )
+from ._known import KnownNames
 from ._monitor import (
     HEARTBEAT,
     PING,
@@ -72,11 +73,6 @@ __all__ = ["BackplaneChannelLayer"]
 Message = dict[str, Any]
 
 _ID_ALPHABET = string.ascii_letters + string.digits
-# Channel names receive() has validated, and group names group_send has. A consumer
-# receives on the same channel over and over, and the regular expression costs about as
-# much as the rest of a receive of a small message (scenario C of the benchmark);
-# forgotten all at once when full.
-_VALID_NAMES_KEPT = 10_000
 
 
 def _new_instance_id() -> str:
@@ -231,8 +227,12 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if routes is not None:
             routes.bind(self._backplane.call)
         self._supports_flush = can.flush
-        self._valid_names: set[str] = set()
-        self._valid_groups: set[str] = set()  # the same, for group_send
+        # Channel names send() and receive() have validated, and group names
+        # group_send has. A consumer receives on the same channel over and over, and the
+        # regular expression costs about as much as the rest of a receive of a small
+        # message (scenario C of the benchmark).
+        self._valid_names = KnownNames()
+        self._valid_groups = KnownNames()
 
     def _make_heartbeat(
         self, driver: Driver | SubscribingDriver, health: Health, flow: InboundFlow
@@ -417,9 +417,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         """require_valid_channel_name for a name not in ``_valid_names`` (the caller
         looks, on its hot path), remembering it once it passed."""
         self.require_valid_channel_name(channel)
-        if len(self._valid_names) >= _VALID_NAMES_KEPT:
-            self._valid_names.clear()
-        self._valid_names.add(channel)
+        self._valid_names.remember(channel)
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group``, on the instance that owns the channel."""
@@ -455,8 +453,9 @@ class BackplaneChannelLayer(BaseChannelLayer):
         payload = self._serialize(message)
         backplane = self._backplane
         await backplane.ensure()
-        if self._registry.member_count(group):
-            self._delivery.to_group(group, payload)
+        members = self._registry.member_count(group)
+        if members:
+            self._delivery.to_group(group, payload, members=members)
         routes = self._routes
         if routes is None:
             topic = None
@@ -472,9 +471,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         sender in a loop sends to the same few groups over and over."""
         self.require_valid_group_name(group)
         if type(group) is str:
-            if len(self._valid_groups) >= _VALID_NAMES_KEPT:
-                self._valid_groups.clear()
-            self._valid_groups.add(group)
+            self._valid_groups.remember(group)
 
     async def group_send_many(self, groups: Iterable[str], message: Message) -> None:
         """Send ``message`` to each of ``groups``: what a ``group_send`` to each does,

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .envelope import json_reader
+
 if TYPE_CHECKING:
     from .envelope import SyncMessage
 
@@ -72,22 +74,7 @@ def _make_json_encode() -> Callable[[Any], str]:
 
 
 _json_encode = _make_json_encode()
-_decoder = json.JSONDecoder()
-_scan = _decoder.scan_once  # type: ignore[attr-defined]
-
-
-def _json_decode(text: str) -> Any:
-    """``json.loads(text)``; text the layer wrote (no whitespace around the object) skips
-    the decoder's two regular-expression matches for that whitespace."""
-    if text[:1] == "{":
-        try:
-            value, end = _scan(text, 0)
-        except (StopIteration, ValueError):
-            pass  # not JSON: decode() says why
-        else:
-            if end == len(text):
-                return value
-    return _decoder.decode(text)
+_json_decode = json_reader(json.JSONDecoder())
 _ALLOWED = "str, bytes, int, float, bool, None, and lists and dicts of those with str keys"
 
 
@@ -127,17 +114,10 @@ def _walk(value: object, path: str) -> bool:
 def _str_keys(value: dict[Any, Any]) -> bool:
     """True if every dict key in ``value`` (at any depth) is a str: the cheap check left
     to do once the JSON encoder has accepted every value."""
-    for key, item in value.items():
+    for key in value:
         if type(key) is not str and not isinstance(key, str):
             return False
-        if type(item) in _LEAVES:
-            continue
-        if isinstance(item, dict):
-            if not _str_keys(item):
-                return False
-        elif isinstance(item, (list, tuple)) and not _str_keys_in(item):
-            return False
-    return True
+    return _str_keys_in(value.values())
 
 
 # The values the check of keys needn't look into.
@@ -147,6 +127,8 @@ _LEAVES = frozenset((str, int, float, bool, type(None)))
 def _str_keys_in(values: Iterable[Any]) -> bool:
     """True if every dict among ``values`` and their nested lists has only str keys."""
     for item in values:
+        if type(item) in _LEAVES:
+            continue
         if isinstance(item, dict):
             if not _str_keys(item):
                 return False

@@ -65,10 +65,10 @@ class Connection:
 
     async def get(self) -> Any:
         """The client, connecting it first if need be."""
-        loop = asyncio.get_running_loop()
-        client = self._client
-        if loop is self._loop and client is not None and not (self._owned and client.is_closed):
+        client = self.ready
+        if client is not None:
             return client  # the common case: no lock to take
+        loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None and self._owned and self._client is not None:
                 # Made on a loop that is gone: it can only be abandoned.

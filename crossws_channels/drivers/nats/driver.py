@@ -82,14 +82,11 @@ class NatsDriver:
 
     async def publish(self, envelope: str, /) -> None:
         """Publish ``envelope`` on the cluster's broadcast subject."""
-        client = self._connection.ready
-        if client is None or self._closed:
-            self._require_open()
-            client = await self._connection.get()
-        data = envelope.encode("utf-8")
-        if type(client) is Client and client.post(self._broadcast, data):
+        if self.publish_now(None, envelope):
             return  # the common case, without a coroutine of nats-py's
-        await self._send(client, self.names.broadcast, data)
+        self._require_open()
+        client = await self._connection.get()
+        await self._send(client, self.names.broadcast, envelope.encode("utf-8"))
 
     def publish_now(self, target: str | None, envelope: str, /) -> bool:
         """Publish without a coroutine when the driver's own client is connected."""

@@ -72,9 +72,9 @@ class Pulls:
         return None
 
     async def pop(self, timeout: float) -> str | None:
-        if self._taken:
-            self._handed = time.monotonic()
-            return self._taken.popleft()
+        item = self.take()
+        if item is not None:
+            return item
         # Take more at once only from a receiver that keeps up: one that is back within
         # FAST of the last message. A worker busy with long jobs takes one at a time,
         # and leaves the rest to the others.
