@@ -288,10 +288,13 @@ class Backplane:
 
     # Driver calls from any loop
 
-    def publish_now(self, target: str | None, text: str) -> bool:
+    def publish_now(
+        self, target: str | None, text: str, loop: asyncio.AbstractEventLoop | None
+    ) -> bool:
         """Publish one envelope synchronously if the driver can take it so now (see
-        ``Outbox.publish_now``); False, doing nothing, otherwise: then :meth:`publish`."""
-        return self._outbox.publish_now(target, text)
+        ``Outbox.publish_now``); False, doing nothing, otherwise: then :meth:`publish`.
+        ``loop``: the caller's running loop."""
+        return self._outbox.publish_now(target, text, loop)
 
     async def publish(self, target: str | None, text: str) -> None:
         """Queue one envelope for relaying. Never raises for backplane failures."""

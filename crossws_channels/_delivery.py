@@ -8,13 +8,14 @@ the shared queue; full members are counted and reported, aggregated.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from time import monotonic
 
 from . import serialize
 from ._flow import InboundFlow
 from ._histograms import Histogram
-from ._registry import Credit, Item, Payload, Registry
+from ._registry import Credit, GroupDelivery, Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from ._workers import WorkerChannels
 from .errors import MessagesDropped
@@ -69,6 +70,32 @@ class Delivery:
         if item is not None:
             self._put(group, payload, item, flow, monotonic())
 
+    def relayed(
+        self,
+        group: str,
+        payload: Payload,
+        flow: InboundFlow,
+        members: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        """:meth:`to_group` for a message relayed from the backplane, on the home loop
+        (``loop``): what every relayed group message goes through, kept short."""
+        item = payload if members <= 1 else self._item(payload, members, group)
+        if item is None:
+            return
+        now = monotonic()
+        result = self._registry.group_put(
+            group, item, now + self._expiry, now - self._group_expiry, flow, now, loop
+        )
+        if isinstance(result, GroupDelivery):
+            self._after(group, payload, result, flow)
+            return
+        if result:
+            self._stats.home["delivered"] += result
+            fanout = self._fanout
+            if fanout is not None:
+                fanout.observe_home(result)
+
     def to_groups(
         self, groups: Sequence[str], payload: Payload, flow: InboundFlow | None = None
     ) -> None:
@@ -100,6 +127,24 @@ class Delivery:
         result = self._registry.group_put(
             group, item, now + self._expiry, now - self._group_expiry, flow, now
         )
+        if isinstance(result, GroupDelivery):
+            self._after(group, payload, result, flow)
+            return
+        if result:
+            fanout = self._fanout
+            if flow is None:
+                self._stats.incr("delivered", result)
+                if fanout is not None:
+                    fanout.observe(result)
+            else:  # relayed: on the home loop
+                self._stats.home["delivered"] += result
+                if fanout is not None:
+                    fanout.observe_home(result)
+
+    def _after(
+        self, group: str, payload: Payload, result: GroupDelivery, flow: InboundFlow | None
+    ) -> None:
+        """Count and report what a fan-out did; feed the worker channels among them."""
         if result.delivered:
             if flow is None:
                 self._stats.incr("delivered", result.delivered)

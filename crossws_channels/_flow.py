@@ -118,7 +118,8 @@ class InboundFlow:
         self.pending: Pause | None = None
         """The pause handed to the driver and not over yet."""
         self.resumed_at = float("-inf")
-        self._forming: Pause | None = None
+        self.forming: Pause | None = None
+        """The pause this delivery's full members wait for, until :meth:`finish`."""
 
     def may_overflow(self, box: Mailbox, now: float) -> bool:
         """Whether a relayed message may go into the full ``box`` (under the lock)."""
@@ -132,9 +133,9 @@ class InboundFlow:
     def hold(self, box: Mailbox) -> None:
         """``box`` went over capacity: the pause being formed waits for it (under the
         lock, on the home loop)."""
-        pause = self._forming
+        pause = self.forming
         if pause is None:
-            pause = self._forming = Pause(self, asyncio.get_running_loop())
+            pause = self.forming = Pause(self, asyncio.get_running_loop())
         if box.gate is None:
             box.gate = pause
             pause.boxes.append(box)
@@ -142,10 +143,10 @@ class InboundFlow:
 
     def finish(self) -> asyncio.Future[None] | None:
         """After one delivery: the future the driver must wait for, if it must."""
-        pause = self._forming
+        pause = self.forming
         if pause is None:
             return None
-        self._forming = None
+        self.forming = None
         if pause.future.done() or pause.held <= 0:
             return None
         self.pending = pause

@@ -48,10 +48,10 @@ from ._monitor import (
 )
 from ._outbox import Outbox
 from ._registry import Registry
-from ._reporting import Reporter, Stats
+from ._reporting import HasLoop, Reporter, Stats
 from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, Unauthenticated
-from .envelope import SyncMessage, decode_fields
+from .envelope import Fields, SyncMessage, decode_fields
 from .errors import MalformedMessage, MessagesLost, Stage
 
 logger = logging.getLogger("crossws_channels")
@@ -147,6 +147,7 @@ class Inbound:
         guard: ReplayGuard | None = None,
         routes: Routes | None = None,
         lag: Histogram | None = None,
+        home: HasLoop,
     ) -> None:
         self._frames = frames
         # With signing_keys or encryption_keys: what is not sealed by the cluster, or
@@ -169,6 +170,10 @@ class Inbound:
         self._census = census
         self._subscription = subscription
         self._stats = stats
+        self._counts = stats.home
+        # The loop the driver delivers on (see Deliver): the fan-out's hand-over to a
+        # waiting receiver needs it, and asking asyncio costs a system call (getpid).
+        self._home = home
         self._reporter = reporter
         self._heartbeat = heartbeat
         self._resync_type = resync_type
@@ -194,8 +199,47 @@ class Inbound:
     # The Deliver protocol
 
     def __call__(self, raw: str | bytes, /) -> asyncio.Future[None] | None:
+        """One message from the driver; a future when the driver must pause (``_flow``).
+
+        Every relayed message comes through here: the usual one (a numbered group
+        message from another layer instance) is handled in this one function, the
+        rest by the methods it calls."""
         try:
-            return self._on_raw(raw)
+            if self._own_echo(raw):
+                return None
+            if len(raw) > self._max_envelope or self._sealer is not None:
+                return self._on_raw(raw)
+            fields = decode_fields(raw)
+            if fields is None:
+                return self._on_raw(raw)  # reports it
+            sender, _, topic, data, seq, _, _, sent = fields
+            if (
+                seq is None
+                or sender == self._instance_id
+                or topic[:1] == "!"
+                or "!" in topic
+                or topic == GROUPS
+                or topic not in self._valid_groups
+            ):
+                return self._on_fields(fields)
+            self._counts["relayed_in"] += 1
+            lag = self._lag
+            if sent is not None and lag is not None:
+                late = time.time() - sent
+                # Clocks of different hosts differ: a message can't arrive before it was sent.
+                lag.observe(late if late > 0.0 else 0.0)
+            routes = self._routes
+            missing = self._gaps.observe(
+                sender, seq, None if routes is None else routes.gap_key(sender, topic)
+            )
+            if missing != 0:
+                self._gap(sender, missing)
+            members = self._registry.member_count(topic)
+            if not members:
+                return None  # none of the group's members are here
+            flow = self._flow
+            self._delivery.relayed(topic, data, flow, members, self._home.loop)
+            return None if flow.forming is None else flow.finish()
         except Exception as exc:
             self._reporter.report(exc, "delivery")
             return None
@@ -235,9 +279,8 @@ class Inbound:
         )
 
     def _on_raw(self, raw: str | bytes) -> asyncio.Future[None] | None:
-        """One message from the driver; a future when the driver must pause (``_flow``)."""
-        if self._own_echo(raw):
-            return None
+        """A message :meth:`__call__` leaves to the general path: oversized, sealed,
+        malformed."""
         if len(raw) > self._max_envelope:
             # Larger than any envelope a layer of the cluster sends: not decoded at all.
             self._reporter.drop_malformed(
@@ -259,18 +302,24 @@ class Inbound:
                 f"{len(raw)} bytes of backplane traffic that are not an envelope"
             )
             return None
+        if sealer is None:
+            return self._on_fields(fields)
         sender, namespace, topic, data, seq, _, ask, sent = fields
-        if sealer is not None:
-            assert self._guard is not None
-            refusal = self._guard.admit(sender, opened)
-            if refusal is not None:
-                self._reporter.drop_unauthenticated(refusal, "replayed")
-                return None
-            try:
-                data = sealer.data_of(opened, sender, topic, data)
-            except Unauthenticated as exc:
-                self._reporter.drop_unauthenticated(str(exc))
-                return None
+        assert self._guard is not None
+        refusal = self._guard.admit(sender, opened)
+        if refusal is not None:
+            self._reporter.drop_unauthenticated(refusal, "replayed")
+            return None
+        try:
+            data = sealer.data_of(opened, sender, topic, data)
+        except Unauthenticated as exc:
+            self._reporter.drop_unauthenticated(str(exc))
+            return None
+        return self._on_fields((sender, namespace, topic, data, seq, None, ask, sent))
+
+    def _on_fields(self, fields: Fields) -> asyncio.Future[None] | None:
+        """A decoded (and, when the cluster seals, opened) envelope."""
+        sender, namespace, topic, data, seq, _, ask, sent = fields
         if sender == self._instance_id:
             # Our own echo: only the control messages we address to ourselves matter.
             if topic[:1] == "!":
@@ -361,6 +410,11 @@ class Inbound:
 
     def _count_gap(self, sender: str, seq: int, stream: str | None = None) -> None:
         missing = self._gaps.observe(sender, seq, stream)
+        if missing != 0:
+            self._gap(sender, missing)
+
+    def _gap(self, sender: str, missing: int | None) -> None:
+        """What :meth:`SequenceGaps.observe` found that was not the next number."""
         if missing is None:
             self._stats.incr("implausible_seq")
             self._reporter.tally("implausible", None, "delivery", _implausible, 1, [sender])

@@ -82,10 +82,12 @@ class Outbox:
 
     # Producers
 
-    def publish_now(self, target: str | None, text: str) -> bool:
+    def publish_now(
+        self, target: str | None, text: str, loop: asyncio.AbstractEventLoop | None
+    ) -> bool:
         """:meth:`publish` in its common case, without a coroutine: True if the driver
         took the envelope synchronously; False, doing nothing, otherwise (then await
-        :meth:`publish`)."""
+        :meth:`publish`). ``loop``: the caller's running loop (it looked it up already)."""
         now = self._publish_now
         if (
             now is None
@@ -93,12 +95,12 @@ class Outbox:
             or self._queue
             or self._inline >= INLINE_RUN - 1  # publish() lets the client write now
             or self._outage.active
-            or asyncio.events._get_running_loop() is not self._home.loop
+            or loop is not self._home.loop
             or not now(target, text)
         ):
             return False
         self._inline += 1
-        self._stats.incr("published")
+        self._stats.home["published"] += 1  # on the home loop
         return True
 
     async def publish(self, target: str | None, text: str) -> None:

@@ -29,7 +29,7 @@ from .errors import ErrorHandler, MalformedMessage, Stage, UnauthenticatedMessag
 
 logger = logging.getLogger("crossws_channels")
 
-__all__ = ["REPORT_INTERVAL", "MakeReport", "Reporter", "Stats"]
+__all__ = ["HOME_COUNTS", "REPORT_INTERVAL", "HasLoop", "MakeReport", "Reporter", "Stats"]
 
 REPORT_INTERVAL = 1.0
 """At most one report per tally key in this many seconds."""
@@ -90,14 +90,20 @@ class _Tally:
         return error
 
 
+# The counters bumped for every message relayed in or published from the home loop.
+HOME_COUNTS = ("relayed_in", "delivered", "published")
+
+
 class Stats:
     """Thread-safe counters; :meth:`snapshot` is what ``layer.stats()`` shows."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        # Bumped by the backplane's subscription only, on the home loop's thread.
-        self._home: Counter[str] = Counter()
+        self.home: dict[str, int] = dict.fromkeys(HOME_COUNTS, 0)
+        """Bumped on the home loop's thread only, without a lock: what is counted per
+        relayed message. A plain dict whose per-message counters are there from the
+        start, so the relay adds to them in place (``home["delivered"] += n``)."""
 
     def incr(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -106,17 +112,21 @@ class Stats:
     def incr_home(self, name: str, amount: int = 1) -> None:
         """:meth:`incr` from the home loop's thread, and no other: no lock to take, for
         what is counted per relayed message."""
-        self._home[name] += amount
+        home = self.home
+        home[name] = home.get(name, 0) + amount
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self._counts)
-        for name, amount in list(self._home.items()):  # copied at once, under the GIL
-            counts[name] = counts.get(name, 0) + amount
+        for name, amount in list(self.home.items()):  # copied at once, under the GIL
+            if amount:
+                counts[name] = counts.get(name, 0) + amount
         return counts
 
 
-class _HasLoop(Protocol):
+class HasLoop(Protocol):
+    """What knows the layer's home loop (``_home.Home``)."""
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None: ...
 
@@ -124,7 +134,7 @@ class _HasLoop(Protocol):
 class Reporter:
     """Calls the ``on_error`` hook (sync or async), or logs."""
 
-    def __init__(self, hook: ErrorHandler | None, stats: Stats, home: _HasLoop) -> None:
+    def __init__(self, hook: ErrorHandler | None, stats: Stats, home: HasLoop) -> None:
         self._hook = hook
         self._stats = stats
         # Where to run an async hook when the report comes from outside any loop.

@@ -268,7 +268,9 @@ def decode_fields(raw: str | bytes | bytearray | memoryview) -> Fields | None:
     the layer reads every relayed message with (building the two frozen dataclasses
     would cost as much as parsing the JSON)."""
     try:
-        if not isinstance(raw, str):
+        if type(raw) is bytes:
+            raw = raw.decode("utf-8")
+        elif not isinstance(raw, str):
             raw = bytes(raw).decode("utf-8")
         fields = _by_layout(raw)
         if fields is not None:

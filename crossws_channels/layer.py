@@ -57,7 +57,7 @@ from ._monitor import (
     SequenceGaps,
 )
 from ._outbox import Outbox
-from ._registry import Payload, Registry
+from ._registry import Item, Payload, Registry
 from ._reporting import Reporter, Stats
 from ._routing import Routes
 from ._sealing import ReplayGuard, Sealer, derive_keys
@@ -120,7 +120,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         can = capabilities(driver)
         self._stats = stats = Stats()
         histograms = Histograms()
-        home = Home()
+        self._home = home = Home()
         health = Health()
         self._reporter = reporter = Reporter(config.on_error, stats, home)
         routed = config.routing == "groups"
@@ -198,6 +198,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
             guard=guard,
             routes=routes,
             lag=histograms.relay_lag,
+            home=home,
         )
         housekeeping = Housekeeping(
             registry,
@@ -373,11 +374,18 @@ class BackplaneChannelLayer(BaseChannelLayer):
         """
         if channel not in self._valid_names:
             self._check_channel_name(channel)
+        registry = self._registry
+        queued = registry.take_queued(channel)
+        if queued is not None:
+            # Already here: nothing to wait for, on any loop (a consumer keeping up
+            # with a burst takes nearly every message this way).
+            message = self._decoded(channel, queued)
+            if message is not None:
+                return message
         backplane = self._backplane
         loop = asyncio.get_running_loop()
         if not backplane.settled(loop):
             await backplane.subscribed()
-        registry = self._registry
         while True:
             payload, waiter, expired, shared, credits = registry.take(channel, loop)
             if credits:
@@ -404,14 +412,20 @@ class BackplaneChannelLayer(BaseChannelLayer):
                     raise
                 if payload is None:
                     continue  # woken from another thread: the message is in the mailbox
-            if type(payload) is serialize.Template:
-                return payload.copy()
-            try:
-                return serialize.loads(payload)  # type: ignore[arg-type]
-            except Exception as exc:
-                self._reporter.drop_malformed(
-                    f"a message on {channel!r} that can't be decoded: {exc}"
-                )
+            message = self._decoded(channel, payload)
+            if message is not None:
+                return message
+
+    def _decoded(self, channel: str, payload: Item) -> Message | None:
+        """The message ``payload`` holds, for one receiver; None if it can't be decoded
+        (reported: the receiver waits for the next)."""
+        if type(payload) is serialize.Template:
+            return payload.copy()
+        try:
+            return serialize.loads(payload)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._reporter.drop_malformed(f"a message on {channel!r} that can't be decoded: {exc}")
+            return None
 
     def _check_channel_name(self, channel: str) -> None:
         """require_valid_channel_name for a name not in ``_valid_names`` (the caller
@@ -452,7 +466,9 @@ class BackplaneChannelLayer(BaseChannelLayer):
             self._remember_valid_group(group)
         payload = self._serialize(message)
         backplane = self._backplane
-        await backplane.ensure()
+        loop = asyncio.get_running_loop()
+        if self._home.loop is not loop:
+            await backplane.ensure()
         members = self._registry.member_count(group)
         if members:
             self._delivery.to_group(group, payload, members=members)
@@ -463,7 +479,7 @@ class BackplaneChannelLayer(BaseChannelLayer):
         else:
             topic = routes.topic_of(group)
             frame = self._frames.routed(topic, group, payload)
-        if not backplane.publish_now(topic, frame):
+        if not backplane.publish_now(topic, frame, loop):
             await backplane.publish(topic, frame)
 
     def _remember_valid_group(self, group: str) -> None:

@@ -147,3 +147,16 @@ def test_counts_from_the_home_loop_and_from_threads_add_up() -> None:
     for thread in threads:
         thread.join()
     assert stats.snapshot() == {"delivered": 5000, "relayed_in": 2000}
+
+
+def test_home_counters_show_once_counted() -> None:
+    """The relay's per-message counters are there from the start, at zero: stats()
+    shows them only once something was counted, as for any other counter."""
+    from crossws_channels._reporting import Stats
+
+    stats = Stats()
+    assert stats.snapshot() == {}
+    stats.home["delivered"] += 3
+    stats.incr_home("published")
+    stats.incr_home("something.else", 2)
+    assert stats.snapshot() == {"delivered": 3, "published": 1, "something.else": 2}

@@ -90,7 +90,10 @@ class NatsDriver:
 
     def publish_now(self, target: str | None, envelope: str, /) -> bool:
         """Publish without a coroutine when the driver's own client is connected."""
-        client = self._connection.ready
+        live = self._live
+        # Called on the loop listen runs on (the Deliver contract): while listening,
+        # its client is the one to use, without asking asyncio which loop this is.
+        client = live[0] if live is not None else self._connection.ready
         if type(client) is not Client or self._closed:
             return False
         if target is None:
