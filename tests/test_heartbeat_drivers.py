@@ -17,7 +17,7 @@ from tests.drivers.multiprocessing.support import RelayProcess, short_socket_dir
 from tests.drivers.pgsql.support import drop_tables
 
 
-@pytest.fixture(params=["local", "redis", "pgsql", "multiprocessing"])
+@pytest.fixture(params=["local", "redis", "pgsql", "multiprocessing", "nats"])
 def driver_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """CONFIG for a fresh cluster on each driver (with a relay for multiprocessing)."""
     channel = f"hb-{uuid.uuid4().hex[:10]}"
@@ -29,6 +29,8 @@ def driver_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[di
         dsn = request.getfixturevalue("pg_dsn")
         yield {"driver": "pgsql", "channel": channel, "dsn": dsn}
         drop_tables(dsn, channel)
+    elif request.param == "nats":
+        yield {"driver": "nats", "channel": channel, "url": request.getfixturevalue("nats_url")}
     else:
         with short_socket_dir() as directory, RelayProcess(channel, directory, tmp_path):
             yield {"driver": "multiprocessing", "channel": channel, "socket_dir": str(directory)}

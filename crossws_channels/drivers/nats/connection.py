@@ -1,11 +1,14 @@
 """The nats driver's client: one connection per driver for everything it does.
 
 NATS multiplexes publishes, subscriptions and JetStream requests over one connection,
-so the driver needs no more. nats-py reconnects it by itself (to the next server of
-``url`` in a cluster) and restores its subscriptions; the driver watches the connection's
-state instead, so that the layer sees every disconnection as an outage (reported once)
-and every reconnection as the subscription coming back, as with the other drivers. A
-client the user passed in is used as it is, and never closed.
+so the driver needs no more (but for the heartbeat's way back, see :mod:`.loopback`).
+The connection is made with ``no_echo``: the server never delivers what it publishes to
+its own subscriptions, so that a sender's burst doesn't come back to it. nats-py
+reconnects it by itself (to the next server of ``url`` in a cluster) and restores its
+subscriptions; the driver watches the connection's state instead, so that the layer sees
+every disconnection as an outage (reported once) and every reconnection as the
+subscription coming back, as with the other drivers. A client the user passed in is used
+as it is, and never closed.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from .options import NatsOptions
 
-__all__ = ["CONNECT_TIMEOUT", "Connection", "ConnectionLost"]
+__all__ = ["CONNECT_TIMEOUT", "Connection", "ConnectionLost", "connect_options", "hears_itself"]
 
 logger = logging.getLogger("crossws_channels.drivers.nats")
 
@@ -26,6 +29,26 @@ CONNECT_TIMEOUT = 5.0
 # a driver of a running layer never gives up (the layer reports the outage).
 RECONNECT_TIME_WAIT = 0.5
 POLL = 0.25
+
+
+def connect_options(options: NatsOptions, name: str) -> dict[str, Any]:
+    """The keyword arguments of nats-py's ``connect`` for one of the driver's
+    connections: its servers and policy, then the user's ``connect`` options over them."""
+    return {
+        "servers": options.servers,
+        "name": name,
+        "connect_timeout": CONNECT_TIMEOUT,
+        "reconnect_time_wait": RECONNECT_TIME_WAIT,
+        "max_reconnect_attempts": -1,
+        "no_echo": True,
+        **options.connect,
+    }
+
+
+def hears_itself(client: Any) -> bool:
+    """Whether ``client``'s subscriptions get what it publishes (no ``no_echo``)."""
+    options = getattr(client, "options", None)
+    return not (isinstance(options, dict) and options.get("no_echo"))
 
 
 class ConnectionLost(ConnectionError):
@@ -86,16 +109,9 @@ class Connection:
     async def _connect(self) -> Any:
         from .reader import Client
 
-        options: dict[str, Any] = {
-            "name": self._name,
-            "connect_timeout": CONNECT_TIMEOUT,
-            "reconnect_time_wait": RECONNECT_TIME_WAIT,
-            "max_reconnect_attempts": -1,
-            **self._options.connect,
-        }
+        options = connect_options(self._options, self._name)
         client = Client()
         await client.connect(
-            servers=self._options.servers,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_changed,
             closed_cb=self._on_changed,

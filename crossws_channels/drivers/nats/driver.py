@@ -5,9 +5,9 @@ broadcasts are published on the subject named exactly ``channel``, sends to one
 instance's channels on ``<channel>.instance.<instance id>``, which only that instance
 subscribes to, and messages for a topic (routing "groups") on ``<channel>.<topic>``,
 which the instances with the topic's groups subscribe to: the server delivers each
-message to those only. Worker channels are JetStream streams (:mod:`.queues`). NATS delivers a
-publish to the publishing connection too, so the layer's heartbeat comes back as the
-echo of its own broadcast, as on Redis.
+message to those only. Worker channels are JetStream streams (:mod:`.queues`). The
+driver's connection doesn't hear its own messages (``no_echo``); the layer's heartbeat,
+sent to this instance, travels over a second connection (:mod:`.loopback`).
 
 See ``docs/drivers/nats.md``.
 """
@@ -23,8 +23,9 @@ from crossws_channels.errors import ConfigurationError
 
 from ..base import Deliver, Outgoing, Ready, Topic
 from .chunks import split
-from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost
+from .connection import CONNECT_TIMEOUT, Connection, ConnectionLost, hears_itself
 from .inlet import Inlet
+from .loopback import Loopback
 from .options import DRIVER_KEYS, NatsNames, NatsOptions
 from .queues import WorkerStreams
 from .reader import Client, Handler, subscribe
@@ -47,6 +48,9 @@ class NatsDriver:
     OPTIONS: frozenset[str] = DRIVER_KEYS
     # nats-py's publish appends to its write buffer, which its flusher task writes out.
     buffers = True
+    # The driver's own connection is made with no_echo; a passed client that echoes
+    # brings a send to this instance back all the same.
+    echoes = False
 
     def __init__(self, instance_id: str, options: Mapping[str, Any]) -> None:
         try:
@@ -64,6 +68,7 @@ class NatsDriver:
         self._direct = self.names.direct(instance_id)
         self._broadcast = self.names.broadcast.encode()
         self._connection = Connection(self.options, f"crossws_channels:{instance_id}")
+        self._loopback = Loopback(self.options, f"crossws_channels:{instance_id}:loopback")
         self._queues = WorkerStreams(self._connection, self.names, self.options.stream_replicas)
         self._closed = False
         # The topic subjects this instance listens to (routing "groups"), kept across
@@ -100,6 +105,8 @@ class NatsDriver:
             subject = self._broadcast
         elif type(target) is Topic:
             subject = self.names.topic(target).encode()
+        elif target == self.instance_id and not hears_itself(client):
+            return False  # by the loopback connection (publish_to)
         else:
             subject = self.names.direct(target).encode()
         return client.post(subject, envelope.encode("utf-8"))
@@ -108,6 +115,8 @@ class NatsDriver:
         """Publish ``envelope`` on the subject only ``instance_id`` subscribes to."""
         self._require_open()
         client = await self._connection.get()
+        if instance_id == self.instance_id and not hears_itself(client):
+            client = await self._loopback.client()
         await self._send(client, self.names.direct(instance_id), envelope.encode("utf-8"))
 
     async def publish_batch(self, batch: Sequence[Outgoing], /) -> None:
@@ -120,6 +129,9 @@ class NatsDriver:
                 subject = names.broadcast
             elif type(target) is Topic:
                 subject = names.topic(target)
+            elif target == self.instance_id and not hears_itself(client):
+                await self.publish_to(target, envelope)
+                continue
             else:
                 subject = names.direct(target)
             await self._send(client, subject, envelope.encode("utf-8"))
@@ -238,6 +250,7 @@ class NatsDriver:
             await asyncio.wait_for(self._queues.close(), CONNECT_TIMEOUT)
         except Exception as exc:
             logger.debug("releasing the worker streams failed: %s", exc)
+        await self._loopback.close()
         await self._connection.close()
 
 

@@ -238,3 +238,49 @@ async def test_group_sends_from_the_home_loop_publish_without_a_coroutine(
     got = [(await asyncio.wait_for(receiver.receive(member), 5))["n"] for _ in range(count)]
     assert got == list(range(count))
     assert calls <= 2 * count // INLINE_RUN
+
+
+async def test_a_sender_does_not_hear_its_own_burst_and_its_heartbeat_comes_back(
+    nats_url: str, make_layer: Any
+) -> None:
+    """The driver's connection is made with no_echo: a burst of group_send doesn't come
+    back to the sender (nothing for it to read and drop), while the heartbeat, which
+    travels by the loopback connection, still does."""
+    errors = ErrorLog()
+    config = {"driver": "nats", "url": nats_url, "capacity": 10_000}
+    sender = make_layer(heartbeat=0.1, on_error=errors, **config)
+    receiver = make_layer(**config, channel=sender.config.channel)
+    member = await receiver.new_channel()
+    await receiver.group_add("g", member)
+    await sender.new_channel()
+    client = sender._backplane._driver._connection.client
+    heard = client.stats["in_msgs"]
+    count = 500
+    for n in range(count):
+        await sender.group_send("g", {"type": "n", "n": n})
+    got = [(await asyncio.wait_for(receiver.receive(member), 5))["n"] for _ in range(count)]
+    assert got == list(range(count))
+    await asyncio.sleep(0.5)
+    # A few heartbeats (and JetStream's answers, if any) came in; none of the burst did.
+    assert client.stats["in_msgs"] - heard < 50
+    assert sender.stats().get("heartbeat_rtt_seconds") is not None
+    assert errors.calls == []
+
+
+async def test_a_users_client_that_echoes_brings_the_heartbeat_back(
+    nats_url: str, make_layer: Any
+) -> None:
+    import nats
+
+    client = await nats.connect(nats_url)
+    try:
+        errors = ErrorLog()
+        layer = make_layer(driver="nats", client=client, heartbeat=0.1, on_error=errors)
+        await layer.new_channel()
+        await asyncio.sleep(0.5)
+        assert layer.stats().get("heartbeat_rtt_seconds") is not None
+        assert layer._backplane._driver._loopback._client is None  # not needed
+        assert errors.calls == []
+        await layer.close()
+    finally:
+        await client.close()
