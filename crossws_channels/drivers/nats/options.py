@@ -157,6 +157,13 @@ def _check_client(client: object) -> None:
             f"must be a connected nats.aio.client.Client, not {type(client).__qualname__}",
             key="client",
         )
+    if client.options.get("no_echo"):
+        # The layer's heartbeat is a message the instance sends itself, over this client.
+        raise ConfigurationError(
+            "must hear its own messages: connect it without no_echo (the layer's "
+            "heartbeat comes back by it; the driver's own connection handles this itself)",
+            key="client",
+        )
 
 
 def _check_connect(connect: object) -> None:

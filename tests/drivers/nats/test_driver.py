@@ -284,3 +284,16 @@ async def test_a_users_client_that_echoes_brings_the_heartbeat_back(
         await layer.close()
     finally:
         await client.close()
+
+
+async def test_a_users_client_that_does_not_echo_is_refused(nats_url: str) -> None:
+    import nats
+
+    client = await nats.connect(nats_url, no_echo=True)
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            NatsDriver("abcdefghijkl", {"channel": "my-app", "client": client})
+        assert raised.value.key == "client"
+        assert "no_echo" in str(raised.value)
+    finally:
+        await client.close()
