@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
+from typing import TypeAlias
 
 from crossws_channels.errors import BackplaneOverloaded
 
 from ..base import Deliver
 from .chunks import HEADER, Assembler
+from .reader import Runs
 
 __all__ = ["Inlet"]
 
 MAX_HELD = 1_000_000
 MAX_HELD_BYTES = 256 * 1024 * 1024
 
+# One held message: its data, or its data and headers.
+Held: TypeAlias = bytes | tuple[bytes, dict[str, str]]
 
-class Inlet:
+
+class Inlet(Runs):
     """Delivers the relay's messages to the layer (see the module docstring)."""
 
     __slots__ = ("_assembler", "_bytes", "_deliver", "_held", "_lost", "dropped")
@@ -34,8 +40,9 @@ class Inlet:
     def __init__(self, deliver: Deliver) -> None:
         self._deliver = deliver
         self._assembler = Assembler()
-        # Messages waiting for a pause to end; None while delivering as they come.
-        self._held: deque[tuple[bytes, dict[str, str] | None]] | None = None
+        # Messages waiting for a pause to end (their data, or data and headers); None
+        # while delivering as they come.
+        self._held: deque[Held] | None = None
         self._bytes = 0
         self._lost = 0  # dropped during this pause, reported when it ends
         self.dropped = 0
@@ -49,12 +56,41 @@ class Inlet:
             if pause is not None:
                 self._hold(deque(), pause)
             return
-        if len(held) >= MAX_HELD or self._bytes + len(data) > MAX_HELD_BYTES:
-            self.dropped += 1
-            self._lost += 1
+        self._keep([data if headers is None else (data, headers)], len(data))
+
+    def run(self, payloads: list[bytes]) -> None:
+        """Consecutive messages without headers: delivered until the layer pauses, the
+        rest held (in one step, however many)."""
+        if self._held is None:
+            deliver = self._deliver
+            for index, data in enumerate(payloads):
+                pause = deliver(data)
+                if pause is not None:
+                    self._hold(deque(), pause)
+                    rest = payloads[index + 1 :]
+                    if rest:
+                        self._keep(rest, sum(map(len, rest)))
+                    return
             return
-        held.append((data, headers))
-        self._bytes += len(data)
+        self._keep(payloads, sum(map(len, payloads)))
+
+    def _keep(self, items: Sequence[Held], size: int) -> None:
+        """Hold ``items`` (``size`` bytes) until the pause ends, within the bounds."""
+        held = self._held
+        assert held is not None
+        room = MAX_HELD - len(held)
+        if len(items) > room or self._bytes + size > MAX_HELD_BYTES:
+            for item in items:  # as many as fit, the newest dropped
+                data = item if isinstance(item, bytes) else item[0]
+                if len(held) >= MAX_HELD or self._bytes + len(data) > MAX_HELD_BYTES:
+                    self.dropped += 1
+                    self._lost += 1
+                    continue
+                held.append(item)
+                self._bytes += len(data)
+            return
+        held.extend(items)
+        self._bytes += size
 
     @property
     def holding(self) -> int:
@@ -70,9 +106,7 @@ class Inlet:
             data = whole
         return self._deliver(data)
 
-    def _hold(
-        self, held: deque[tuple[bytes, dict[str, str] | None]], pause: asyncio.Future[None]
-    ) -> None:
+    def _hold(self, held: deque[Held], pause: asyncio.Future[None]) -> None:
         self._held = held
         pause.add_done_callback(self._resume)
 
@@ -90,10 +124,16 @@ class Inlet:
             )
         if held is None:
             return
+        deliver = self._deliver
         while held:
-            data, headers = held.popleft()
-            self._bytes -= len(data)
-            pause = self._deliver(data) if headers is None else self._whole(data, headers)
+            item = held.popleft()
+            if isinstance(item, bytes):
+                self._bytes -= len(item)
+                pause = deliver(item)
+            else:
+                data, headers = item
+                self._bytes -= len(data)
+                pause = self._whole(data, headers)
             if pause is not None:
                 self._hold(held, pause)
                 return

@@ -9,7 +9,8 @@ for each echo of a message the instance sent itself.
 :class:`Client` is nats-py's client with the protocol reader replaced by :class:`Reader`,
 which reads a chunk from the socket in one pass, by offsets, and hands each message of a
 subscription made with :func:`subscribe` straight to that subscription's handler,
-synchronously. Everything else (other subscriptions, PING, INFO, errors) goes to
+synchronously; a handler that is a :class:`Runs` (the relay's) gets consecutive
+messages as one list, one call per run instead of per message. Everything else (other subscriptions, PING, INFO, errors) goes to
 nats-py's own handling, as its parser would send it; connecting, reconnecting, TLS,
 credentials and writing stay nats-py's.
 
@@ -31,7 +32,7 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import ProtocolError
 from nats.protocol.parser import MAX_CONTROL_LINE_SIZE, Parser
 
-__all__ = ["Client", "Handler", "Message", "subscribe"]
+__all__ = ["Client", "Handler", "Message", "Runs", "subscribe"]
 
 logger = logging.getLogger("crossws_channels.drivers.nats")
 
@@ -134,6 +135,10 @@ class Reader(Parser):
         handlers = self._handlers
         nc = self.nc
         taken = taken_bytes = 0  # added to the client's stats once, after the loop
+        # Consecutive messages for one handler that takes runs (Runs), handed over
+        # together: when another handler's message, a control line or the end comes.
+        run: list[bytes] = []
+        run_handler: Runs | None = None
         while pos < end:
             headed = data.startswith(b"HMSG ", pos)
             if headed or data.startswith(b"MSG ", pos):
@@ -170,21 +175,40 @@ class Reader(Parser):
                     break
                 line = data[pos:eol]
                 pos = eol + 2
+                if run:
+                    _hand_over(run_handler, run)
+                    run = []
                 await self._control(line)
                 if self.buf is not buf:
                     return  # the connection was reset: the rest belongs to the old one
                 continue
             handler = handlers.get(sid)
             if handler is None:
+                if run:
+                    _hand_over(run_handler, run)
+                    run = []
                 await nc._process_msg(sid, subject, reply, payload, headers)
                 continue
             taken += 1
             taken_bytes += len(payload)
+            if headers is None and (handler is run_handler or isinstance(handler, Runs)):
+                if handler is not run_handler:
+                    if run:
+                        _hand_over(run_handler, run)
+                        run = []
+                    run_handler = handler
+                run.append(payload)
+                continue
+            if run:
+                _hand_over(run_handler, run)
+                run = []
             parsed = None if headers is None else await nc._process_headers(headers)
             try:
                 handler(subject, reply, payload, parsed)
             except Exception:
                 logger.exception("a nats message handler failed")
+        if run:
+            _hand_over(run_handler, run)
         if taken:
             stats = self._stats
             stats["in_msgs"] += taken
@@ -209,6 +233,29 @@ class Reader(Parser):
             await self.nc._process_info(json.loads(rest))
         else:
             raise ProtocolError("nats: unknown protocol")
+
+
+class Runs:
+    """A handler that also takes consecutive messages as one list (:meth:`run`): what
+    the relay's subscriptions use, so that a read of hundreds of messages costs one call
+    per run rather than per message."""
+
+    def __call__(
+        self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        raise NotImplementedError
+
+    def run(self, payloads: list[bytes]) -> None:
+        """Consecutive messages without headers, in order (the list is the handler's)."""
+        raise NotImplementedError
+
+
+def _hand_over(handler: Runs | None, run: list[bytes]) -> None:
+    assert handler is not None
+    try:
+        handler.run(run)
+    except Exception:
+        logger.exception("a nats message handler failed")
 
 
 async def subscribe(client: Any, subject: str, handler: Handler) -> Any:

@@ -242,3 +242,93 @@ async def test_the_inlet_drops_past_its_bound_and_reports_once_per_pause(
     assert len(layer.reports) == 1
     error, stage = layer.reports[0]
     assert stage == "delivery" and "6 message(s)" in str(error)
+
+
+async def test_runs_pause_midway_and_the_rest_waits_in_order_with_single_messages() -> None:
+    """A run (consecutive messages handed over together) pauses where the layer says;
+    what follows it, runs or single messages with headers, waits behind it in order."""
+    layer = _Layer()
+    layer.pause_at = {b"1", b"6"}
+    inlet = Inlet(layer)  # type: ignore[arg-type]
+    inlet.run([b"0", b"1", b"2", b"3"])
+    assert layer.got == [b"0", b"1"] and inlet.holding == 2
+    inlet(b"s", b"", b"4", {"X": "y"})
+    inlet.run([b"5", b"6", b"7"])
+    assert inlet.holding == 6
+    layer.pauses[0].set_result(None)
+    await asyncio.sleep(0)
+    assert layer.got == [str(n).encode() for n in range(7)] and inlet.holding == 1
+    layer.pauses[1].set_result(None)
+    await asyncio.sleep(0)
+    assert layer.got == [str(n).encode() for n in range(8)] and inlet.holding == 0
+    assert inlet._bytes == 0
+
+
+async def test_runs_held_past_the_bound_drop_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inlet_module, "MAX_HELD", 3)
+    layer = _Layer()
+    layer.pause_at = {b"0"}
+    inlet = Inlet(layer)  # type: ignore[arg-type]
+    inlet.run([str(n).encode() for n in range(3)])
+    inlet.run([str(n).encode() for n in range(3, 6)])
+    assert inlet.holding == 3 and inlet.dropped == 2
+    layer.pauses[0].set_result(None)
+    await asyncio.sleep(0)
+    assert layer.got == [b"0", b"1", b"2", b"3"]
+    assert len(layer.reports) == 1 and "2 message(s)" in str(layer.reports[0][0])
+
+
+async def test_the_reader_hands_runs_over_in_order_with_other_subscriptions(
+    nats_url: str,
+) -> None:
+    """Messages for a run-taking handler arrive as runs, cut wherever another
+    subscription's message or one with headers comes between: together, in the order
+    the server sent them."""
+    import nats
+
+    from crossws_channels.drivers.nats.reader import Runs
+
+    order: list[tuple[str, bytes]] = []
+
+    class Recorder(Runs):
+        def __init__(self) -> None:
+            self.runs: list[int] = []
+
+        def __call__(
+            self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+        ) -> None:
+            order.append(("single", data))
+
+        def run(self, payloads: list[bytes]) -> None:
+            self.runs.append(len(payloads))
+            order.extend(("run", data) for data in payloads)
+
+    runs_subject, other_subject = f"reader.{uuid.uuid4().hex}", f"reader.{uuid.uuid4().hex}"
+    reader, publisher = await _client(nats_url), await nats.connect(nats_url)
+    recorder = Recorder()
+    try:
+        await subscribe(reader, runs_subject, recorder)
+        await subscribe(reader, other_subject, lambda s, r, d, h: order.append(("other", d)))
+        await reader.flush()
+        expected = []
+        for n in range(200):
+            data = str(n).encode()
+            if n % 50 == 49:
+                await publisher.publish(other_subject, data)
+                expected.append(("other", data))
+            elif n % 70 == 69:
+                await publisher.publish(runs_subject, data, headers={"N": "1"})
+                expected.append(("single", data))
+            else:
+                await publisher.publish(runs_subject, data)
+                expected.append(("run", data))
+        await publisher.flush()
+        for _ in range(100):
+            if len(order) == len(expected):
+                break
+            await asyncio.sleep(0.05)
+        assert order == expected
+        assert max(recorder.runs) > 1  # one read brought several
+    finally:
+        await publisher.close()
+        await reader.close()
