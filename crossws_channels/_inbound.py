@@ -205,7 +205,12 @@ class Inbound:
         message from another layer instance) is handled in this one function, the
         rest by the methods it calls."""
         try:
-            if self._own_echo(raw):
+            if type(raw) is bytes:
+                if raw.startswith(self._echo_bytes) and (
+                    self._control_bytes not in raw[: self._echo_scan]
+                ):
+                    return None  # _own_echo, for what a driver usually delivers
+            elif self._own_echo(raw):
                 return None
             if len(raw) > self._max_envelope or self._sealer is not None:
                 return self._on_raw(raw)

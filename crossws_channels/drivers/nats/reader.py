@@ -10,9 +10,9 @@ for each echo of a message the instance sent itself.
 which reads a chunk from the socket in one pass, by offsets, and hands each message of a
 subscription made with :func:`subscribe` straight to that subscription's handler,
 synchronously; a handler that is a :class:`Runs` (the relay's) gets consecutive
-messages as one list, one call per run instead of per message. Everything else (other subscriptions, PING, INFO, errors) goes to
-nats-py's own handling, as its parser would send it; connecting, reconnecting, TLS,
-credentials and writing stay nats-py's.
+messages as one list, one call per run instead of per message. Everything else (other
+subscriptions, PING, INFO, errors) goes to nats-py's own handling, as its parser would
+send it; connecting, reconnecting, TLS, credentials and writing stay nats-py's.
 
 A handler runs inside the reader: it must not block or raise (what it raises is logged
 and dropped). A client the user passed in is nats-py's own; :func:`subscribe` then makes
