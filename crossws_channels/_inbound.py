@@ -221,8 +221,7 @@ class Inbound:
             if (
                 seq is None
                 or sender == self._instance_id
-                or topic[:1] == "!"
-                or "!" in topic
+                or "!" in topic  # a control message or a direct send
                 or topic == GROUPS
                 or topic not in self._valid_groups
             ):

@@ -37,6 +37,8 @@ __all__ = ["LINGER", "Routes", "topic_namer"]
 T = TypeVar("T")
 Call = Callable[[Callable[[Driver | SubscribingDriver], Awaitable[Any]]], Awaitable[Any]]
 
+# Topics (and gap keys) remembered per group, past which they are made afresh.
+TOPICS_KEPT = 65536
 # How long a topic no group here needs stays subscribed.
 LINGER = 5.0
 # How often lingering topics are looked at.
@@ -50,9 +52,17 @@ def topic_namer(partitions: int) -> Callable[[str], Topic]:
     """The topic of a group: the group itself, or its partition (CRC-32 of the name,
     which any client of the backplane can compute too)."""
     if partitions <= 0:
+        # Asked for every message sent and received: each group's topic made once (a
+        # str subclass costs a call to build), forgotten all at once past TOPICS_KEPT.
+        topics: dict[str, Topic] = {}
 
         def per_group(group: str) -> Topic:
-            return Topic("g." + group)
+            topic = topics.get(group)
+            if topic is None:
+                if len(topics) >= TOPICS_KEPT:
+                    topics.clear()
+                topic = topics[group] = Topic("g." + group)
+            return topic
 
         return per_group
 
@@ -80,6 +90,8 @@ class Routes:
         # Topics that lost and regained their subscription: a sender's numbering on
         # them starts afresh for gap counting (``gap_key``).
         self._epochs: dict[str, int] = {}
+        # gap_key's answers, until an epoch changes (read on the home loop).
+        self._gap_keys: dict[tuple[str, str], str] = {}
         self._pending: dict[str, asyncio.Task[None]] = {}  # on the home loop
         self._call: Call | None = None
 
@@ -178,6 +190,8 @@ class Routes:
                 del self._idle[topic]
                 self._listening.discard(topic)
                 self._epochs[topic] = self._epochs.get(topic, 0) + 1
+            if done:
+                self._gap_keys.clear()
         if done:
             await self._on_driver(lambda driver: cast(SupportsTopics, driver).stop_listening(done))
 
@@ -199,8 +213,14 @@ class Routes:
     def gap_key(self, sender: str, group: str) -> str:
         """Whose numbering a routed message from ``sender`` for ``group`` continues:
         the sender's on the group's topic, since this instance last subscribed to it."""
-        topic = self.topic_of(group)
-        return f"{sender} {topic} {self._epochs.get(topic, 0)}"
+        keys = self._gap_keys
+        key = keys.get((sender, group))
+        if key is None:
+            if len(keys) >= TOPICS_KEPT:
+                keys.clear()
+            topic = self.topic_of(group)
+            key = keys[sender, group] = f"{sender} {topic} {self._epochs.get(topic, 0)}"
+        return key
 
     def sizes(self) -> dict[str, int]:
         """For ``stats()``."""

@@ -355,3 +355,23 @@ def test_bad_routing_settings_are_refused_naming_the_key(config: dict[str, Any],
 
     with pytest.raises(ConfigurationError, match=rf"\['{key}'\]"):
         BackplaneChannelLayer(**{"driver": "local", "channel": "bad-routing", **config})
+
+
+async def test_a_topic_let_go_and_subscribed_again_numbers_afresh() -> None:
+    """gap_key is remembered per sender and group, and changes once the group's topic
+    was let go (its epoch), however often it was asked before."""
+    from crossws_channels._home import Home
+    from crossws_channels._registry import Registry
+    from crossws_channels._reporting import Reporter, Stats
+    from crossws_channels._routing import Routes
+
+    registry = Registry(lambda channel: 100, False, 60.0, track_vanished=True)
+    routes = Routes(0, registry, Reporter(None, Stats(), Home()))
+    assert routes.topic_of("room") is routes.topic_of("room") == "g.room"
+    routes.joined("room")
+    first = routes.gap_key("sender", "room")
+    assert routes.gap_key("sender", "room") == first
+    assert routes.gap_key("other", "room") != first
+    routes._left(["room"], now=0.0)
+    await routes.sweep(now=_routing.LINGER + 1)
+    assert routes.gap_key("sender", "room") != first

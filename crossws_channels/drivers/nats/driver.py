@@ -34,6 +34,9 @@ __all__ = ["NatsDriver"]
 
 logger = logging.getLogger("crossws_channels.drivers.nats")
 
+# Topic subjects kept encoded, past which they are encoded afresh.
+TOPIC_SUBJECTS_KEPT = 65536
+
 
 class NatsDriver:
     """Relays a cluster's envelopes through NATS; see the module docstring.
@@ -75,6 +78,7 @@ class NatsDriver:
         # connections, each with its subscription on the live one.
         self._topics: dict[str, Any] = {}
         self._live: tuple[Any, Any] | None = None  # the listening client, its callback
+        self._topic_subjects: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"<NatsDriver channel={self.options.channel!r} instance={self.instance_id!r}>"
@@ -104,12 +108,20 @@ class NatsDriver:
         if target is None:
             subject = self._broadcast
         elif type(target) is Topic:
-            subject = self.names.topic(target).encode()
+            subject = self._topic_subjects.get(target) or self._topic_subject(target)
         elif target == self.instance_id and not hears_itself(client):
             return False  # by the loopback connection (publish_to)
         else:
             subject = self.names.direct(target).encode()
         return client.post(subject, envelope.encode("utf-8"))
+
+    def _topic_subject(self, topic: str) -> bytes:
+        """``topic``'s subject, encoded, remembered (routing "groups" asks per message)."""
+        subjects = self._topic_subjects
+        if len(subjects) >= TOPIC_SUBJECTS_KEPT:
+            subjects.clear()
+        subject = subjects[topic] = self.names.topic(topic).encode()
+        return subject
 
     async def publish_to(self, instance_id: str, envelope: str, /) -> None:
         """Publish ``envelope`` on the subject only ``instance_id`` subscribes to."""
