@@ -60,41 +60,18 @@ class Delivery:
         payload: Payload,
         flow: InboundFlow | None = None,
         members: int | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """Deliver to the members of ``group`` here; with ``flow``, a relayed message that
         may hold up the backplane for full members that read (see ``_flow``).
-        ``members``: how many the group has here, if the caller just looked."""
+        ``members``: how many the group has here, if the caller just looked; ``loop``:
+        the caller's running loop, if it knows it (the relay: the home loop)."""
         if members is None:
             members = self._registry.member_count(group)
-        item = self._item(payload, members, group)
-        if item is not None:
-            self._put(group, payload, item, flow, monotonic())
-
-    def relayed(
-        self,
-        group: str,
-        payload: Payload,
-        flow: InboundFlow,
-        members: int,
-        loop: asyncio.AbstractEventLoop | None,
-    ) -> None:
-        """:meth:`to_group` for a message relayed from the backplane, on the home loop
-        (``loop``): what every relayed group message goes through, kept short."""
+        # One member (the usual relayed case) takes the payload as it is: no call.
         item = payload if members <= 1 else self._item(payload, members, group)
-        if item is None:
-            return
-        now = monotonic()
-        result = self._registry.group_put(
-            group, item, now + self._expiry, now - self._group_expiry, flow, now, loop
-        )
-        if isinstance(result, GroupDelivery):
-            self._after(group, payload, result, flow)
-            return
-        if result:
-            self._stats.home["delivered"] += result
-            fanout = self._fanout
-            if fanout is not None:
-                fanout.observe_home(result)
+        if item is not None:
+            self._put(group, payload, item, flow, monotonic(), loop)
 
     def to_groups(
         self, groups: Sequence[str], payload: Payload, flow: InboundFlow | None = None
@@ -122,10 +99,16 @@ class Delivery:
             return None
 
     def _put(
-        self, group: str, payload: Payload, item: Item, flow: InboundFlow | None, now: float
+        self,
+        group: str,
+        payload: Payload,
+        item: Item,
+        flow: InboundFlow | None,
+        now: float,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         result = self._registry.group_put(
-            group, item, now + self._expiry, now - self._group_expiry, flow, now
+            group, item, now + self._expiry, now - self._group_expiry, flow, now, loop
         )
         if isinstance(result, GroupDelivery):
             self._after(group, payload, result, flow)

@@ -242,7 +242,7 @@ class Inbound:
             if not members:
                 return None  # none of the group's members are here
             flow = self._flow
-            self._delivery.relayed(topic, data, flow, members, self._home.loop)
+            self._delivery.to_group(topic, data, flow, members, self._home.loop)
             return None if flow.forming is None else flow.finish()
         except Exception as exc:
             self._reporter.report(exc, "delivery")

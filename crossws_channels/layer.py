@@ -379,11 +379,6 @@ class BackplaneChannelLayer(BaseChannelLayer):
         if queued is not None:
             # Already here: nothing to wait for, on any loop (a consumer keeping up
             # with a burst takes nearly every message this way).
-            if type(queued) is str:
-                try:
-                    return serialize.loads(queued)
-                except Exception:
-                    pass  # _decoded reports it
             message = self._decoded(channel, queued)
             if message is not None:
                 return message

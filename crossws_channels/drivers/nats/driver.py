@@ -142,7 +142,9 @@ class NatsDriver:
             elif type(target) is Topic:
                 subject = names.topic(target)
             elif target == self.instance_id and not hears_itself(client):
-                await self.publish_to(target, envelope)
+                # As publish_to does: by the loopback connection.
+                loopback = await self._loopback.client()
+                await self._send(loopback, names.direct(target), envelope.encode("utf-8"))
                 continue
             else:
                 subject = names.direct(target)

@@ -183,25 +183,28 @@ class Reader(Parser):
                     return  # the connection was reset: the rest belongs to the old one
                 continue
             handler = handlers.get(sid)
-            if handler is None:
-                if run:
-                    _hand_over(run_handler, run)
-                    run = []
-                await nc._process_msg(sid, subject, reply, payload, headers)
-                continue
-            taken += 1
-            taken_bytes += len(payload)
-            if headers is None and (handler is run_handler or isinstance(handler, Runs)):
+            if (
+                headers is None
+                and handler is not None
+                and (handler is run_handler or isinstance(handler, Runs))
+            ):
                 if handler is not run_handler:
                     if run:
                         _hand_over(run_handler, run)
                         run = []
                     run_handler = handler
                 run.append(payload)
+                taken += 1
+                taken_bytes += len(payload)
                 continue
             if run:
                 _hand_over(run_handler, run)
                 run = []
+            if handler is None:
+                await nc._process_msg(sid, subject, reply, payload, headers)
+                continue
+            taken += 1
+            taken_bytes += len(payload)
             parsed = None if headers is None else await nc._process_headers(headers)
             try:
                 handler(subject, reply, payload, parsed)
